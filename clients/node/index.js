@@ -1,0 +1,355 @@
+// @gigacodes/containerflip: the worker side of the containerflip contract.
+//
+//   fd 3 (LISTEN_FDS >= 1)  an already-listening socket owned by the supervisor
+//   NOTIFY_SOCKET           where READY=1 goes once we can serve (stream mode)
+//   SIGTERM                 stop accepting, finish what is in flight, exit 0
+//   DRAIN_GRACE_MS          how long a drain may take before connections are cut
+//
+// Zero dependencies. The helper only ever touches the server it is handed and
+// the process-wide draining flag; it patches nothing.
+
+import net from 'node:net';
+
+const DEFAULT_FD = 3;
+const DEFAULT_GRACE_MS = 28000;
+const DEFAULT_SIGNALS = Object.freeze(['SIGTERM']);
+
+// Idle keep-alive connections are not cut the instant a drain starts: a
+// client that is about to reuse one would see a reset. For a short while they
+// stay open, so a client that sends one more request gets its answer with
+// `Connection: close` and hangs up cleanly; whatever is still idle after that
+// is closed. The sweep repeats, so a connection that goes idle later (its
+// response had left with keep-alive before the drain began) is closed too.
+const IDLE_SWEEP_MAX_MS = 500;
+
+// Process-global: is any drain under way?
+let draining = false;
+
+// Per server: { marker: true, inflight: Set<ServerResponse>, drain: Promise, graceful: true }
+const states = new WeakMap();
+
+// Signal-initiated drains still running; the process exits when none is left.
+const pendingExits = new Set();
+
+function stateOf(server) {
+  let state = states.get(server);
+  if (state === undefined) {
+    state = { marker: false, inflight: null, drainPromise: null, draining: false, graceful: false };
+    states.set(server, state);
+  }
+  return state;
+}
+
+function checkServer(server, fn) {
+  if (!(server instanceof net.Server)) {
+    throw new TypeError(`containerflip: ${fn}() expects a net.Server or http.Server, got ${describe(server)}`);
+  }
+}
+
+function describe(value) {
+  if (value === null) return 'null';
+  if (typeof value === 'object') return value.constructor ? `an instance of ${value.constructor.name}` : 'an object';
+  return `${typeof value} ${String(value)}`;
+}
+
+function makeLogger(log) {
+  if (log === false || log === null) return () => {};
+  if (log === undefined || log === true) {
+    return (msg) => {
+      process.stderr.write(`[containerflip-node pid ${process.pid}] ${msg}\n`);
+    };
+  }
+  if (typeof log !== 'function') {
+    throw new TypeError(`containerflip: option log must be a function or false, got ${describe(log)}`);
+  }
+  return (msg) => {
+    try {
+      log(msg);
+    } catch {
+      // a broken logger must never break a drain
+    }
+  };
+}
+
+function resolveGraceMs(graceMs) {
+  if (graceMs !== undefined) {
+    if (typeof graceMs !== 'number' || !Number.isFinite(graceMs) || graceMs < 0) {
+      throw new TypeError(`containerflip: option graceMs must be a non-negative number of milliseconds, got ${describe(graceMs)}`);
+    }
+    return graceMs;
+  }
+  const env = process.env.DRAIN_GRACE_MS;
+  if (env !== undefined && /^\s*\d+\s*$/.test(env)) return Number(env);
+  return DEFAULT_GRACE_MS;
+}
+
+function resolveSignals(signals) {
+  if (signals === undefined) return DEFAULT_SIGNALS;
+  if (!Array.isArray(signals) || !signals.every((s) => typeof s === 'string' && s.length > 0)) {
+    throw new TypeError(`containerflip: option signals must be an array of signal names, got ${describe(signals)}`);
+  }
+  return signals;
+}
+
+/**
+ * True when the supervisor handed us listening sockets (LISTEN_FDS >= 1).
+ * LISTEN_PID is deliberately not compared with our pid: node:cluster children
+ * inherit the primary's environment and still listen on fd 3 through it.
+ */
+export function fdMode() {
+  const value = process.env.LISTEN_FDS;
+  if (value === undefined || !/^\s*\d+\s*$/.test(value)) return false;
+  return Number(value) >= 1;
+}
+
+/** Whether a drain has begun anywhere in this process. */
+export function isDraining() {
+  return draining;
+}
+
+function resolvePort(port) {
+  if (port !== undefined && port !== null) return port;
+  const env = process.env.PORT;
+  if (env !== undefined && env !== '') return env;
+  return 0;
+}
+
+/**
+ * Start accepting: on the inherited descriptor (default 3) under the
+ * supervisor, otherwise on `port` / $PORT / an ephemeral port.
+ * Resolves with the server once it listens; rejects on any listen error.
+ */
+export function attach(server, options = {}) {
+  checkServer(server, 'attach');
+  const { fd = DEFAULT_FD, port } = options ?? {};
+  return new Promise((resolve, reject) => {
+    let target;
+    if (fdMode()) {
+      if (!Number.isInteger(fd) || fd < 0) {
+        reject(new TypeError(`containerflip: option fd must be a non-negative integer, got ${describe(fd)}`));
+        return;
+      }
+      target = { fd };
+    } else {
+      const p = resolvePort(port);
+      const n = typeof p === 'string' && /^\s*\d+\s*$/.test(p) ? Number(p) : p;
+      if (!Number.isInteger(n) || n < 0 || n > 65535) {
+        reject(new RangeError(`containerflip: ${port === undefined || port === null ? `PORT=${p}` : `option port ${describe(p)}`} is not a TCP port number`));
+        return;
+      }
+      target = { port: n };
+    }
+    const onError = (err) => {
+      server.removeListener('listening', onListening);
+      const where = target.fd !== undefined ? `fd ${target.fd}` : `port ${target.port}`;
+      const wrapped = new Error(`containerflip: cannot listen on ${where}: ${err.message}`, { cause: err });
+      if (err.code) wrapped.code = err.code;
+      reject(wrapped);
+    };
+    const onListening = () => {
+      server.removeListener('error', onError);
+      resolve(server);
+    };
+    server.once('error', onError);
+    server.once('listening', onListening);
+    try {
+      server.listen(target);
+    } catch (err) {
+      server.removeListener('error', onError);
+      server.removeListener('listening', onListening);
+      onError(err);
+    }
+  });
+}
+
+/**
+ * Send READY=1 to $NOTIFY_SOCKET over a unix stream connection (the
+ * supervisor's --notify-mode stream). Without NOTIFY_SOCKET it does nothing.
+ */
+export function notifyReady() {
+  return notify('READY=1\n');
+}
+
+function notify(payload) {
+  const address = process.env.NOTIFY_SOCKET;
+  if (address === undefined || address === '') return Promise.resolve();
+  let path;
+  if (address.startsWith('@')) {
+    path = `\0${address.slice(1)}`; // Linux abstract namespace
+  } else if (address.startsWith('/')) {
+    path = address;
+  } else {
+    return Promise.reject(new Error(
+      `containerflip: NOTIFY_SOCKET=${address} is not a unix socket path (expected /path or @abstract)`));
+  }
+  return new Promise((resolve, reject) => {
+    const socket = net.createConnection({ path });
+    let settled = false;
+    socket.once('error', (err) => {
+      if (settled) return;
+      settled = true;
+      socket.destroy();
+      const wrapped = new Error(
+        `containerflip: cannot send ${payload.trim()} to NOTIFY_SOCKET=${address}: ${err.message}` +
+          (err.code === 'EPROTOTYPE' || err.code === 'ECONNREFUSED'
+            ? ' (is the supervisor running with --notify-mode stream?)'
+            : ''),
+        { cause: err },
+      );
+      if (err.code) wrapped.code = err.code;
+      reject(wrapped);
+    });
+    socket.once('connect', () => {
+      // On a unix stream socket, a completed write already sits in the
+      // peer's receive queue, so closing right after loses nothing.
+      socket.end(payload, () => {
+        if (settled) return;
+        settled = true;
+        socket.destroy();
+        resolve();
+      });
+    });
+  });
+}
+
+// The one request-path hook: prepended so it runs before handlers that flush
+// their headers synchronously. Outside a drain it only remembers the response
+// until it is done, so a drain can still mark responses that are in flight.
+function installMarker(server, state) {
+  if (state.marker) return;
+  state.marker = true;
+  state.inflight = new Set();
+  server.prependListener('request', (req, res) => {
+    if (state.draining) {
+      if (!res.headersSent) res.setHeader('Connection', 'close');
+      return;
+    }
+    state.inflight.add(res);
+    res.once('close', () => state.inflight.delete(res));
+  });
+}
+
+/**
+ * Drain `server` without exiting: stop accepting, answer what is in flight
+ * with `Connection: close`, close idle keep-alive connections, and resolve
+ * once no connection is left or at the grace deadline (after cutting the
+ * rest). Idempotent per server.
+ */
+export function drain(server, options = {}) {
+  checkServer(server, 'drain');
+  const state = stateOf(server);
+  if (state.drainPromise) return state.drainPromise;
+  const opts = options ?? {};
+  let graceMs;
+  let log;
+  try {
+    graceMs = resolveGraceMs(opts.graceMs);
+    log = makeLogger(opts.log);
+  } catch (err) {
+    return Promise.reject(err);
+  }
+  installMarker(server, state);
+  draining = true;
+  state.draining = true;
+
+  // Responses that are in flight and have not sent their headers yet leave
+  // with `Connection: close` too.
+  for (const res of state.inflight) {
+    if (!res.headersSent) res.setHeader('Connection', 'close');
+  }
+  state.inflight.clear();
+
+  state.drainPromise = new Promise((resolve) => {
+    const started = Date.now();
+    let done = false;
+    let sweep = null;
+    let deadline = null;
+    const finish = (how) => {
+      if (done) return;
+      done = true;
+      if (sweep) clearInterval(sweep);
+      if (deadline) clearTimeout(deadline);
+      log(`drained in ${Date.now() - started}ms (${how})`);
+      resolve();
+    };
+
+    log(`draining: no longer accepting, grace ${graceMs}ms`);
+    // net.Server's close, not http.Server's: since Node 19 the latter also
+    // destroys every idle keep-alive connection at once, which races with
+    // clients that are just reusing one. The callback runs once the last
+    // connection is gone (with an error argument if the server was not
+    // listening any more, which changes nothing here).
+    net.Server.prototype.close.call(server, () => finish('idle'));
+
+    const closeIdle = () => {
+      if (typeof server.closeIdleConnections === 'function') server.closeIdleConnections();
+    };
+    const sweepMs = Math.max(1, Math.min(IDLE_SWEEP_MAX_MS, Math.floor(graceMs / 4)));
+    sweep = setInterval(closeIdle, sweepMs);
+    sweep.unref();
+
+    deadline = setTimeout(() => {
+      server.getConnections((err, count) => {
+        if (done) return;
+        log(`grace period of ${graceMs}ms over: closing ${err ? 'all' : count} remaining connection(s)`);
+        if (typeof server.closeAllConnections === 'function') server.closeAllConnections();
+        finish('grace period over');
+      });
+    }, graceMs);
+    deadline.unref();
+  });
+  return state.drainPromise;
+}
+
+/**
+ * Install the `Connection: close` marker and, for each of `signals`
+ * (default SIGTERM), a handler that drains the server and then exits 0.
+ * Additive: other listeners for those signals are left alone. Idempotent per
+ * server.
+ */
+export function gracefulDrain(server, options = {}) {
+  checkServer(server, 'gracefulDrain');
+  const state = stateOf(server);
+  if (state.graceful) return;
+  const opts = options ?? {};
+  const signals = resolveSignals(opts.signals);
+  if (opts.graceMs !== undefined) resolveGraceMs(opts.graceMs);
+  const log = makeLogger(opts.log);
+  state.graceful = true;
+  installMarker(server, state);
+  for (const signal of signals) {
+    process.on(signal, () => {
+      if (state.exitPending) return;
+      state.exitPending = true;
+      log(`${signal} received`);
+      const pending = drain(server, { graceMs: opts.graceMs, log: opts.log }).then(() => {
+        pendingExits.delete(pending);
+        if (pendingExits.size === 0) {
+          log('exiting with status 0');
+          process.exit(0);
+        }
+      });
+      pendingExits.add(pending);
+    });
+  }
+}
+
+/**
+ * The whole contract in one call: drain machinery first, then attach (fd 3
+ * or the PORT fallback), then READY=1. Resolves with the server.
+ */
+export async function serve(server, options = {}) {
+  checkServer(server, 'serve');
+  const opts = options ?? {};
+  const log = makeLogger(opts.log);
+  gracefulDrain(server, { graceMs: opts.graceMs, signals: opts.signals, log: opts.log });
+  await attach(server, { fd: opts.fd, port: opts.port });
+  const addr = server.address();
+  const where = typeof addr === 'string' ? addr : addr ? `${addr.address}:${addr.port}` : 'unknown address';
+  log(fdMode() ? `listening on fd ${opts.fd ?? DEFAULT_FD} (${where})` : `listening on ${where} (standalone, no LISTEN_FDS)`);
+  if (opts.notify !== false) {
+    await notifyReady();
+    if (process.env.NOTIFY_SOCKET) log('READY=1 sent');
+  }
+  return server;
+}

@@ -1,0 +1,243 @@
+// Shared test plumbing: a fake supervisor (a listening socket passed as fd 3
+// and a unix stream socket acting as NOTIFY_SOCKET), line waiters over child
+// output, and small HTTP helpers. Nothing here sleeps to synchronise: every
+// wait is for an event, and every deadline is only a safety net.
+
+import { spawn } from 'node:child_process';
+import { once, EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const PKG_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+export const FIXTURES = path.join(PKG_DIR, 'test', 'fixtures');
+export const EXAMPLES = path.join(PKG_DIR, 'examples');
+
+// Safety-net deadline for one awaited event; never a synchronisation device.
+export const DEADLINE_MS = Number(process.env.CONTAINERFLIP_TEST_DEADLINE_MS ?? 30000);
+
+export function tmpDir(t) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cf-node-test-'));
+  t?.after?.(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** Reject `promise` if it has not settled within `ms` (a safety net). */
+export function withDeadline(promise, what, ms = DEADLINE_MS) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms}ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * Collects the lines of a readable stream; waitFor(re) resolves with the
+ * match of the first line (already seen or still to come) matching `re`
+ * after position `from`.
+ */
+export class Lines extends EventEmitter {
+  constructor(stream, { echo = null } = {}) {
+    super();
+    this.lines = [];
+    this.ended = false;
+    let buf = '';
+    stream.setEncoding('utf8');
+    stream.on('data', (chunk) => {
+      buf += chunk;
+      let i;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, i);
+        buf = buf.slice(i + 1);
+        this.lines.push(line);
+        if (echo) echo.write(`${line}\n`);
+        this.emit('line', line, this.lines.length - 1);
+      }
+    });
+    stream.on('end', () => {
+      if (buf) {
+        this.lines.push(buf);
+        this.emit('line', buf, this.lines.length - 1);
+      }
+      this.ended = true;
+      this.emit('end');
+    });
+  }
+
+  find(re, from = 0) {
+    for (let i = from; i < this.lines.length; i++) {
+      const m = re.exec(this.lines[i]);
+      if (m) return { match: m, index: i };
+    }
+    return null;
+  }
+
+  waitFor(re, { from = 0, ms = DEADLINE_MS } = {}) {
+    const found = this.find(re, from);
+    if (found) return Promise.resolve(found);
+    return withDeadline(new Promise((resolve, reject) => {
+      const onLine = (line, index) => {
+        if (index < from) return;
+        const m = re.exec(line);
+        if (m) {
+          cleanup();
+          resolve({ match: m, index });
+        }
+      };
+      const onEnd = () => {
+        cleanup();
+        reject(new Error(`stream ended without a line matching ${re}; got:\n${this.lines.join('\n')}`));
+      };
+      const cleanup = () => {
+        this.off('line', onLine);
+        this.off('end', onEnd);
+      };
+      this.on('line', onLine);
+      this.on('end', onEnd);
+    }), `a line matching ${re}; so far:\n${this.lines.join('\n')}`, ms);
+  }
+
+  text() {
+    return this.lines.join('\n');
+  }
+}
+
+/**
+ * A unix stream socket standing in for the supervisor's notify socket.
+ * `messages` receives the full text of each connection; `next()` waits for
+ * the next one.
+ */
+export async function notifyServer(t, { abstract = false } = {}) {
+  const name = `cf-node-notify-${process.pid}-${Math.random().toString(36).slice(2)}`;
+  let listenPath;
+  let env;
+  if (abstract) {
+    listenPath = `\0${name}`;
+    env = `@${name}`;
+  } else {
+    listenPath = path.join(tmpDir(t), 'notify.sock');
+    env = listenPath;
+  }
+  const events = new EventEmitter();
+  const messages = [];
+  const server = net.createServer((sock) => {
+    let data = '';
+    sock.setEncoding('utf8');
+    sock.on('data', (d) => { data += d; });
+    sock.on('end', () => {
+      messages.push(data);
+      events.emit('message', data);
+      sock.end();
+    });
+    sock.on('error', () => {});
+  });
+  server.listen(listenPath);
+  await once(server, 'listening');
+  t?.after?.(() => server.close());
+  return {
+    env,
+    server,
+    messages,
+    events,
+    next(what = 'a notify message') {
+      const seen = messages.length;
+      return withDeadline(new Promise((resolve) => {
+        const check = () => {
+          if (messages.length > seen) {
+            events.off('message', check);
+            resolve(messages[seen]);
+          }
+        };
+        events.on('message', check);
+      }), what);
+    },
+    /** Waits for the first message ever (whether it has arrived yet or not). */
+    first(what = 'READY=1') {
+      if (messages.length > 0) return Promise.resolve(messages[0]);
+      return this.next(what);
+    },
+  };
+}
+
+/** A listening TCP socket on 127.0.0.1 to hand to a worker as fd 3. */
+export async function listeningSocket() {
+  const server = net.createServer();
+  server.listen({ host: '127.0.0.1', port: 0 });
+  await once(server, 'listening');
+  return { server, port: server.address().port };
+}
+
+/**
+ * Start `node script` the way the supervisor would: a listening socket as
+ * fd 3 with LISTEN_FDS=1 (unless fd3 is false), NOTIFY_SOCKET pointing at a
+ * fake notify socket (unless notify is false). The parent closes its copy of
+ * the listening socket once the child holds it, so only the child accepts.
+ */
+export async function spawnWorker(t, script, { env = {}, fd3 = true, notify = true, abstract = false, args = [] } = {}) {
+  const n = notify ? await notifyServer(t, { abstract }) : null;
+  const listener = fd3 ? await listeningSocket() : null;
+  const childEnv = { ...process.env };
+  for (const k of ['LISTEN_FDS', 'LISTEN_PID', 'LISTEN_FDNAMES', 'NOTIFY_SOCKET', 'DRAIN_GRACE_MS', 'PORT', 'CONTAINERFLIP_GENERATION']) {
+    delete childEnv[k];
+  }
+  childEnv.CONTAINERFLIP_GENERATION = '1';
+  if (fd3) {
+    childEnv.LISTEN_FDS = '1';
+    childEnv.LISTEN_FDNAMES = 'unknown';
+  }
+  if (n) childEnv.NOTIFY_SOCKET = n.env;
+  Object.assign(childEnv, env);
+  for (const [k, v] of Object.entries(childEnv)) if (v === undefined) delete childEnv[k];
+  const stdio = ['ignore', 'pipe', 'pipe'];
+  // The listening socket's descriptor becomes the child's fd 3 (a net.Server
+  // cannot be passed as a stdio stream, its descriptor can).
+  if (fd3) stdio.push(listener.server._handle.fd);
+  const child = spawn(process.execPath, [script, ...args], { stdio, env: childEnv, cwd: PKG_DIR });
+  if (listener) listener.server.close();
+  const stdout = new Lines(child.stdout);
+  const stderr = new Lines(child.stderr);
+  const exited = new Promise((resolve) => {
+    child.once('exit', (code, signal) => resolve({ code, signal }));
+  });
+  t?.after?.(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  });
+  return {
+    child,
+    port: listener?.port,
+    notify: n,
+    stdout,
+    stderr,
+    exited,
+    waitExit(what = 'the worker to exit') {
+      return withDeadline(exited, `${what}; stderr:\n${stderr.text()}`);
+    },
+  };
+}
+
+/**
+ * One HTTP request. Resolves with { status, headers, body, socket } once the
+ * body is complete.
+ */
+export function request(port, { path: p = '/', agent = false, method = 'GET', headers = {}, host = '127.0.0.1' } = {}) {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host, port, path: p, method, agent, headers }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (d) => { body += d; });
+      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body, reused: req.reusedSocket }));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+/** The containerflip binary: $CONTAINERFLIP_BIN or ../../target/debug/containerflip. */
+export function containerflipBinary() {
+  const bin = process.env.CONTAINERFLIP_BIN ?? path.resolve(PKG_DIR, '..', '..', 'target', 'debug', 'containerflip');
+  return bin;
+}
