@@ -199,8 +199,10 @@ export async function spawnWorker(t, script, { env = {}, fd3 = true, notify = tr
   if (listener) listener.server.close();
   const stdout = new Lines(child.stdout);
   const stderr = new Lines(child.stderr);
+  // 'close' comes after 'exit' and after stdout/stderr have ended, so every
+  // line the worker wrote is in `stdout`/`stderr` once this resolves.
   const exited = new Promise((resolve) => {
-    child.once('exit', (code, signal) => resolve({ code, signal }));
+    child.once('close', (code, signal) => resolve({ code, signal }));
   });
   t?.after?.(() => {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');

@@ -1,0 +1,94 @@
+// Type declarations for @gigacodes/containerflip.
+
+import type { Server as NetServer } from 'node:net';
+import type { Server as HttpServer } from 'node:http';
+import type { Server as HttpsServer } from 'node:https';
+
+/** A server the drain machinery works with: it emits `request` events. */
+export type DrainableServer = HttpServer | HttpsServer;
+
+/** Receives one human-readable lifecycle message per call. */
+export type Logger = (message: string) => void;
+
+export interface AttachOptions {
+  /**
+   * Inherited listening socket descriptor, used when `LISTEN_FDS` >= 1.
+   * @default 3
+   */
+  fd?: number;
+  /**
+   * Port for standalone runs (no `LISTEN_FDS`); a numeric string is accepted.
+   * @default process.env.PORT, else an ephemeral port (0)
+   */
+  port?: number | string;
+}
+
+export interface DrainOptions {
+  /**
+   * How long connections may take to finish before the rest are closed.
+   * @default Number(process.env.DRAIN_GRACE_MS), else 28000
+   */
+  graceMs?: number;
+  /**
+   * Lifecycle logger, or `false` for silence.
+   * @default a writer to process.stderr
+   */
+  log?: Logger | false;
+}
+
+export interface GracefulDrainOptions extends DrainOptions {
+  /**
+   * Signals that start the drain (and then exit 0). `[]` installs only the
+   * `Connection: close` marker.
+   * @default ['SIGTERM']
+   */
+  signals?: readonly NodeJS.Signals[];
+}
+
+export interface ServeOptions extends AttachOptions, GracefulDrainOptions {
+  /**
+   * Send `READY=1` once listening. Set `false` when another process (a
+   * cluster primary) reports readiness.
+   * @default true
+   */
+  notify?: boolean;
+}
+
+/**
+ * Installs the drain machinery, attaches (fd 3 under the supervisor, else the
+ * port fallback), then sends `READY=1`, in that order. Resolves with `server`.
+ */
+export function serve<S extends DrainableServer>(server: S, options?: ServeOptions): Promise<S>;
+
+/**
+ * Listens on the inherited descriptor (`LISTEN_FDS` >= 1) or on the fallback
+ * port. Resolves with `server` once listening; rejects on a listen error.
+ */
+export function attach<S extends NetServer>(server: S, options?: AttachOptions): Promise<S>;
+
+/**
+ * Sends `READY=1` over `$NOTIFY_SOCKET` (an AF_UNIX stream socket; `@name`
+ * is an abstract address). Resolves at once when `NOTIFY_SOCKET` is unset or
+ * empty; rejects when the socket cannot be reached.
+ */
+export function notifyReady(): Promise<void>;
+
+/**
+ * Installs the `Connection: close` marker and one additive handler per
+ * signal that drains `server` and exits 0. Idempotent per server.
+ */
+export function gracefulDrain(server: DrainableServer, options?: GracefulDrainOptions): void;
+
+/**
+ * Drains `server` without exiting: stops accepting, answers with
+ * `Connection: close`, closes idle connections, and resolves once no
+ * connection is left or at the grace deadline. Idempotent per server: every
+ * call returns the same promise.
+ */
+export function drain(server: DrainableServer, options?: DrainOptions): Promise<void>;
+
+/** Whether a drain has started in this process. */
+export function isDraining(): boolean;
+
+/** Whether the supervisor passed listening sockets (`LISTEN_FDS` >= 1). */
+export function fdMode(): boolean;

@@ -1,0 +1,480 @@
+// In-process checks of each primitive. Anything that would change
+// process-global state for good (signal handlers, exiting, the draining flag)
+// either uses `signals: []` or runs last in this file; the child-process
+// variants live in worker.test.mjs.
+
+import { test, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import fs from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import path from 'node:path';
+
+import { serve, attach, notifyReady, gracefulDrain, drain, isDraining, fdMode } from '@gigacodes/containerflip';
+import * as api from '@gigacodes/containerflip';
+import { notifyServer, tmpDir, withDeadline, request } from './helpers.mjs';
+
+// Run `fn` with some environment variables set (undefined = unset), then
+// restore them.
+async function withEnv(vars, fn) {
+  const saved = {};
+  for (const [k, v] of Object.entries(vars)) {
+    saved[k] = process.env[k];
+    if (v === undefined) delete process.env[k];
+    else process.env[k] = v;
+  }
+  try {
+    return await fn();
+  } finally {
+    for (const [k, v] of Object.entries(saved)) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
+  }
+}
+
+const STANDALONE = { LISTEN_FDS: undefined, LISTEN_PID: undefined, NOTIFY_SOCKET: undefined, PORT: undefined, DRAIN_GRACE_MS: undefined };
+
+async function freePort() {
+  const s = net.createServer().listen(0, '127.0.0.1');
+  await once(s, 'listening');
+  const { port } = s.address();
+  s.close();
+  await once(s, 'close');
+  return port;
+}
+
+function closedFd() {
+  const fd = fs.openSync('/dev/null', 'r');
+  fs.closeSync(fd);
+  return fd;
+}
+
+function collectLog() {
+  const lines = [];
+  const log = (msg) => lines.push(msg);
+  return { lines, log };
+}
+
+function closeServer(server) {
+  if (!server.listening) return Promise.resolve();
+  server.closeAllConnections?.();
+  return new Promise((resolve) => server.close(() => resolve()));
+}
+
+describe('exports', () => {
+  test('exactly the documented API', () => {
+    assert.deepEqual(Object.keys(api).sort(), ['attach', 'drain', 'fdMode', 'gracefulDrain', 'isDraining', 'notifyReady', 'serve']);
+  });
+});
+
+describe('fdMode', () => {
+  for (const [value, expected] of [
+    [undefined, false], ['', false], ['0', false], ['1', true], ['2', true], ['abc', false], ['-1', false],
+  ]) {
+    test(`LISTEN_FDS=${value === undefined ? '(unset)' : JSON.stringify(value)} -> ${expected}`, async () => {
+      await withEnv({ LISTEN_FDS: value }, () => assert.equal(fdMode(), expected));
+    });
+  }
+
+  test('does not look at LISTEN_PID (cluster children inherit the primary\'s)', async () => {
+    await withEnv({ LISTEN_FDS: '1', LISTEN_PID: '1' }, () => assert.equal(fdMode(), true));
+  });
+});
+
+describe('isDraining', () => {
+  test('false before any drain', () => {
+    assert.equal(isDraining(), false);
+  });
+});
+
+describe('notifyReady', () => {
+  test('is a no-op without NOTIFY_SOCKET', async () => {
+    await withEnv({ NOTIFY_SOCKET: undefined }, async () => {
+      assert.equal(await notifyReady(), undefined);
+    });
+  });
+
+  test('is a no-op with an empty NOTIFY_SOCKET (what cluster children get)', async () => {
+    await withEnv({ NOTIFY_SOCKET: '' }, async () => {
+      assert.equal(await notifyReady(), undefined);
+    });
+  });
+
+  test('sends READY=1\\n over a unix stream socket path', async (t) => {
+    const n = await notifyServer(t);
+    await withEnv({ NOTIFY_SOCKET: n.env }, async () => {
+      const got = n.next();
+      await notifyReady();
+      assert.equal(await got, 'READY=1\n');
+    });
+  });
+
+  test('reaches an abstract address written @name', async (t) => {
+    const n = await notifyServer(t, { abstract: true });
+    assert.match(n.env, /^@/);
+    await withEnv({ NOTIFY_SOCKET: n.env }, async () => {
+      const got = n.next();
+      await notifyReady();
+      assert.equal(await got, 'READY=1\n');
+    });
+  });
+
+  test('rejects clearly when the socket does not exist', async (t) => {
+    const missing = path.join(tmpDir(t), 'nobody-here.sock');
+    await withEnv({ NOTIFY_SOCKET: missing }, async () => {
+      await assert.rejects(notifyReady(), (err) => {
+        assert.match(err.message, /cannot send READY=1 to NOTIFY_SOCKET=/);
+        assert.ok(err.message.includes(missing));
+        assert.equal(err.code, 'ENOENT');
+        return true;
+      });
+    });
+  });
+
+  test('rejects clearly when nothing listens at an abstract address', async () => {
+    await withEnv({ NOTIFY_SOCKET: `@cf-node-nobody-${process.pid}` }, async () => {
+      await assert.rejects(notifyReady(), (err) => {
+        assert.match(err.message, /NOTIFY_SOCKET=@cf-node-nobody/);
+        assert.equal(err.code, 'ECONNREFUSED');
+        return true;
+      });
+    });
+  });
+
+  test('rejects a NOTIFY_SOCKET that is not a unix socket address', async () => {
+    await withEnv({ NOTIFY_SOCKET: 'relative/notify.sock' }, async () => {
+      await assert.rejects(notifyReady(), /not a unix socket path/);
+    });
+  });
+
+  test('rejects clearly when the path is not a listening socket', async (t) => {
+    const p = path.join(tmpDir(t), 'not-a-socket');
+    fs.writeFileSync(p, '');
+    await withEnv({ NOTIFY_SOCKET: p }, async () => {
+      await assert.rejects(notifyReady(), (err) => {
+        assert.equal(err.code, 'ECONNREFUSED');
+        assert.match(err.message, /--notify-mode stream/);
+        return true;
+      });
+    });
+  });
+});
+
+describe('attach', () => {
+  test('standalone: listens on $PORT', async (t) => {
+    const port = await freePort();
+    await withEnv({ ...STANDALONE, PORT: String(port) }, async () => {
+      const server = http.createServer((req, res) => res.end('standalone'));
+      t.after(() => closeServer(server));
+      assert.equal(await attach(server), server);
+      assert.equal(server.address().port, port);
+      assert.equal((await request(port)).body, 'standalone');
+    });
+  });
+
+  test('standalone: the port option wins over $PORT', async (t) => {
+    const port = await freePort();
+    await withEnv({ ...STANDALONE, PORT: '1' }, async () => {
+      const server = http.createServer();
+      t.after(() => closeServer(server));
+      await attach(server, { port });
+      assert.equal(server.address().port, port);
+    });
+  });
+
+  test('standalone: ephemeral port without PORT', async (t) => {
+    await withEnv(STANDALONE, async () => {
+      const server = http.createServer();
+      t.after(() => closeServer(server));
+      await attach(server);
+      assert.ok(server.address().port > 0);
+    });
+  });
+
+  test('standalone: ignores fd when LISTEN_FDS is unset', async (t) => {
+    await withEnv(STANDALONE, async () => {
+      const server = http.createServer();
+      t.after(() => closeServer(server));
+      await attach(server, { fd: closedFd(), port: 0 });
+      assert.ok(server.listening);
+    });
+  });
+
+  test('rejects on a listen error (port in use)', async (t) => {
+    const blocker = net.createServer().listen(0);
+    await once(blocker, 'listening');
+    t.after(() => blocker.close());
+    await withEnv(STANDALONE, async () => {
+      const server = http.createServer();
+      const before = { error: server.listenerCount('error'), listening: server.listenerCount('listening') };
+      await assert.rejects(attach(server, { port: blocker.address().port }), (err) => {
+        assert.equal(err.code, 'EADDRINUSE');
+        assert.match(err.message, /cannot listen on port/);
+        return true;
+      });
+      assert.equal(server.listening, false);
+      assert.equal(server.listenerCount('error'), before.error, 'attach leaves no listener behind');
+      assert.equal(server.listenerCount('listening'), before.listening, 'attach leaves no listener behind');
+    });
+  });
+
+  test('rejects a PORT that is not a port number', async () => {
+    await withEnv({ ...STANDALONE, PORT: 'eighty' }, async () => {
+      await assert.rejects(attach(http.createServer()), /PORT=eighty is not a TCP port number/);
+    });
+  });
+
+  test('fd mode: rejects on a closed descriptor', async () => {
+    await withEnv({ LISTEN_FDS: '1' }, async () => {
+      const server = http.createServer();
+      const fd = closedFd();
+      await assert.rejects(attach(server, { fd }), (err) => {
+        assert.match(err.message, new RegExp(`cannot listen on fd ${fd}`));
+        assert.ok(err.code);
+        return true;
+      });
+    });
+  });
+
+  test('fd mode: rejects a non-integer fd', async () => {
+    await withEnv({ LISTEN_FDS: '1' }, async () => {
+      await assert.rejects(attach(http.createServer(), { fd: 'three' }), TypeError);
+    });
+  });
+
+  test('throws on something that is not a server', () => {
+    assert.throws(() => attach({}), TypeError);
+  });
+});
+
+describe('serve', () => {
+  test('attaches first, then sends READY=1, and resolves with the server', async (t) => {
+    const n = await notifyServer(t);
+    const server = http.createServer((req, res) => res.end('ok'));
+    t.after(() => closeServer(server));
+    // When READY=1 arrives, the server must already be listening.
+    const listeningAtReady = new Promise((resolve) => {
+      n.server.once('connection', () => resolve(server.listening));
+    });
+    const { lines, log } = collectLog();
+    await withEnv({ ...STANDALONE, NOTIFY_SOCKET: n.env }, async () => {
+      const result = await serve(server, { signals: [], log });
+      assert.equal(result, server);
+    });
+    assert.equal(await withDeadline(listeningAtReady, 'the READY=1 connection'), true);
+    assert.equal(await n.first(), 'READY=1\n');
+    assert.ok(lines.some((l) => /listening on .* \(standalone/.test(l)), lines.join('\n'));
+    assert.ok(lines.some((l) => /READY=1 sent/.test(l)), lines.join('\n'));
+    assert.equal(n.messages.length, 1, 'READY=1 is sent once');
+  });
+
+  test('notify: false sends nothing', async (t) => {
+    const n = await notifyServer(t);
+    const server = http.createServer();
+    t.after(() => closeServer(server));
+    await withEnv({ ...STANDALONE, NOTIFY_SOCKET: n.env }, async () => {
+      await serve(server, { signals: [], notify: false, log: false });
+    });
+    // The supervisor side answers our own probe; a READY=1 sent before it
+    // would have been accepted first.
+    const probe = net.createConnection(n.server.address());
+    probe.end('PROBE=1\n');
+    assert.equal(await n.next('the probe'), 'PROBE=1\n');
+    assert.deepEqual(n.messages, ['PROBE=1\n']);
+  });
+
+  test('rejects when READY=1 cannot be delivered', async (t) => {
+    const missing = path.join(tmpDir(t), 'gone.sock');
+    const server = http.createServer();
+    t.after(() => closeServer(server));
+    await withEnv({ ...STANDALONE, NOTIFY_SOCKET: missing }, async () => {
+      await assert.rejects(serve(server, { signals: [], log: false }), /cannot send READY=1/);
+    });
+    assert.ok(server.listening, 'it did attach before trying READY=1');
+  });
+
+  test('rejects when attach fails, before any READY=1', async (t) => {
+    const n = await notifyServer(t);
+    await withEnv({ LISTEN_FDS: '1', NOTIFY_SOCKET: n.env }, async () => {
+      await assert.rejects(serve(http.createServer(), { fd: closedFd(), signals: [], log: false }), /cannot listen on fd/);
+    });
+    const probe = net.createConnection(n.server.address());
+    probe.end('PROBE=1\n');
+    assert.equal(await n.next('the probe'), 'PROBE=1\n');
+    assert.deepEqual(n.messages, ['PROBE=1\n']);
+  });
+
+  test('rejects bad options before touching anything', async () => {
+    await assert.rejects(serve(http.createServer(), { graceMs: -1 }), TypeError);
+    await assert.rejects(serve(http.createServer(), { signals: 'SIGTERM' }), TypeError);
+    await assert.rejects(serve(http.createServer(), { log: 'yes' }), TypeError);
+    await assert.rejects(serve('server'), TypeError);
+  });
+});
+
+describe('gracefulDrain', () => {
+  test('signals: [] installs only the Connection: close marker', () => {
+    const server = http.createServer();
+    const before = { term: process.listenerCount('SIGTERM'), int: process.listenerCount('SIGINT') };
+    gracefulDrain(server, { signals: [] });
+    assert.equal(server.listenerCount('request'), 1);
+    assert.equal(process.listenerCount('SIGTERM'), before.term);
+    assert.equal(process.listenerCount('SIGINT'), before.int);
+  });
+
+  test('is idempotent per server', () => {
+    const server = http.createServer();
+    gracefulDrain(server, { signals: [] });
+    gracefulDrain(server, { signals: [] });
+    assert.equal(server.listenerCount('request'), 1);
+  });
+
+  test('prepends its request listener', () => {
+    const handler = () => {};
+    const server = http.createServer(handler);
+    gracefulDrain(server, { signals: [] });
+    const listeners = server.listeners('request');
+    assert.equal(listeners.length, 2);
+    assert.equal(listeners[1], handler, 'the app handler stays, after the marker');
+  });
+
+  test('touches nothing outside a drain: keep-alive is left alone', async (t) => {
+    const server = http.createServer((req, res) => res.end('ok'));
+    gracefulDrain(server, { signals: [] });
+    await withEnv(STANDALONE, () => attach(server));
+    t.after(() => closeServer(server));
+    const agent = new http.Agent({ keepAlive: true });
+    t.after(() => agent.destroy());
+    const r = await request(server.address().port, { agent });
+    assert.equal(r.headers.connection, 'keep-alive');
+    assert.equal(isDraining(), false);
+  });
+});
+
+// From here on a drain has happened in this process: isDraining() is true.
+describe('drain', () => {
+  test('default grace is $DRAIN_GRACE_MS, else 28000', async () => {
+    for (const [env, expected] of [[undefined, 28000], ['1234', 1234], ['not-a-number', 28000]]) {
+      const server = http.createServer();
+      const { lines, log } = collectLog();
+      await withEnv({ DRAIN_GRACE_MS: env }, () => drain(server, { log }));
+      assert.ok(lines.some((l) => l.includes(`grace ${expected}ms`)), `DRAIN_GRACE_MS=${env}: ${lines.join('\n')}`);
+    }
+    const { lines, log } = collectLog();
+    await withEnv({ DRAIN_GRACE_MS: '1234' }, () => drain(http.createServer(), { log, graceMs: 55 }));
+    assert.ok(lines.some((l) => l.includes('grace 55ms')), 'the option wins over the environment');
+  });
+
+  test('stops accepting, answers with Connection: close, resolves when idle; isDraining; idempotent', async (t) => {
+    const held = [];
+    const server = http.createServer((req, res) => {
+      if (req.url === '/hold') held.push(res);
+      else res.end('ok');
+    });
+    gracefulDrain(server, { signals: [] });
+    await withEnv(STANDALONE, () => attach(server));
+    const { port } = server.address();
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    t.after(() => agent.destroy());
+
+    // A keep-alive connection, idle when the drain starts.
+    const first = await request(port, { agent });
+    assert.equal(first.headers.connection, 'keep-alive');
+
+    // A request in flight on another connection, not answered yet.
+    const heldRequest = request(port, { path: '/hold' });
+    await withDeadline(new Promise((resolve) => {
+      const check = () => (held.length ? resolve() : setImmediate(check));
+      check();
+    }), 'the held request to arrive');
+
+    const { lines, log } = collectLog();
+    const p1 = drain(server, { log });
+    const p2 = drain(server, { log });
+    assert.equal(p1, p2, 'same promise for the same server');
+    assert.equal(isDraining(), true);
+    assert.equal(server.listening, false, 'stopped accepting');
+
+    // The idle keep-alive connection is reused at once: it is not cut under
+    // the client, the answer carries Connection: close.
+    const second = await request(port, { agent });
+    assert.equal(second.reused, true);
+    assert.equal(second.status, 200);
+    assert.equal(second.headers.connection, 'close');
+
+    // The in-flight request completes, also with Connection: close.
+    held[0].end('held done');
+    const h = await heldRequest;
+    assert.equal(h.body, 'held done');
+    assert.equal(h.headers.connection, 'close');
+
+    await withDeadline(p1, 'the drain to finish');
+    assert.ok(lines.some((l) => /drained in \d+ms \(idle\)/.test(l)), lines.join('\n'));
+
+    // New connections are refused now (nobody else holds this socket).
+    await assert.rejects(request(port), { code: 'ECONNREFUSED' });
+  });
+
+  test('closes idle keep-alive connections without waiting for the grace period', async (t) => {
+    const server = http.createServer((req, res) => res.end('ok'));
+    server.keepAliveTimeout = 0; // Node's own idle timeout must not be what closes it
+    await withEnv(STANDALONE, () => attach(server));
+    const agent = new http.Agent({ keepAlive: true });
+    t.after(() => agent.destroy());
+    await request(server.address().port, { agent });
+    const [socket] = Object.values(agent.freeSockets).flat();
+    assert.ok(socket, 'a pooled idle socket');
+    const closed = once(socket, 'close');
+    const { lines, log } = collectLog();
+    await withDeadline(drain(server, { graceMs: 600000, log }), 'the drain of an idle connection');
+    await withDeadline(closed, 'the idle socket to be closed');
+    assert.ok(lines.some((l) => /\(idle\)/.test(l)), lines.join('\n'));
+  });
+
+  test('cuts what is left at the grace deadline and resolves', async (t) => {
+    const server = http.createServer(() => { /* never answers */ });
+    await withEnv(STANDALONE, () => attach(server));
+    const stuck = request(server.address().port, { path: '/never' });
+    await withDeadline(once(server, 'request'), 'the request to arrive');
+    const { lines, log } = collectLog();
+    await withDeadline(drain(server, { graceMs: 50, log }), 'the forced end of the drain');
+    await assert.rejects(stuck, (err) => ['ECONNRESET'].includes(err.code) || /socket hang up/.test(err.message));
+    assert.ok(lines.some((l) => /grace period of 50ms over: closing 1 remaining/.test(l)), lines.join('\n'));
+    assert.equal(isDraining(), true);
+  });
+
+  test('$DRAIN_GRACE_MS sets the deadline when graceMs is not given', async () => {
+    const server = http.createServer(() => {});
+    await withEnv(STANDALONE, () => attach(server));
+    const stuck = request(server.address().port).catch((err) => err);
+    await withDeadline(once(server, 'request'), 'the request to arrive');
+    const { lines, log } = collectLog();
+    await withEnv({ DRAIN_GRACE_MS: '40' }, () => withDeadline(drain(server, { log }), 'the forced end of the drain'));
+    assert.ok(lines.some((l) => /grace period of 40ms over/.test(l)), lines.join('\n'));
+    assert.ok((await stuck) instanceof Error);
+  });
+
+  test('log: false stays silent', async () => {
+    const writes = [];
+    const orig = process.stderr.write;
+    process.stderr.write = (chunk, ...rest) => {
+      writes.push(String(chunk));
+      return orig.call(process.stderr, chunk, ...rest);
+    };
+    try {
+      const server = http.createServer();
+      await withEnv(STANDALONE, () => attach(server));
+      await drain(server, { log: false });
+    } finally {
+      process.stderr.write = orig;
+    }
+    assert.deepEqual(writes.filter((w) => w.includes('containerflip')), []);
+  });
+
+  test('rejects bad options', async () => {
+    await assert.rejects(drain(http.createServer(), { graceMs: Number.NaN }), TypeError);
+    assert.throws(() => drain(42), TypeError);
+  });
+});
