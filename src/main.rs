@@ -1,3 +1,78 @@
-fn main() {
-    println!("Hello, world!");
+//! containerflip: blue/green deploys of a server on one host, with the
+//! listening sockets held by a supervisor for its whole life.
+//!
+//! `main` is thin: block signals, parse the command line, run a command,
+//! map the result to an exit status.
+
+#![deny(unsafe_code)]
+
+mod cli;
+mod client;
+mod control;
+mod error;
+mod generation;
+mod listen;
+mod log;
+mod notify;
+mod run;
+mod rundir;
+mod signals;
+mod spawn;
+mod status;
+mod supervisor;
+mod upstream;
+
+#[allow(unsafe_code)]
+mod sys;
+
+use std::process::ExitCode;
+
+use cli::Command;
+
+fn main() -> ExitCode {
+    sys::ensure_stdio();
+    // Block signals before anything else: the supervisor reads them from a
+    // signalfd, and none may be lost or act with its default before then.
+    let original = match sys::set_signal_mask(&sys::SigSet::all_but_faults()) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("containerflip: fatal: unable to block signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let cmd = match cli::parse(std::env::args_os()) {
+        Ok(c) => c,
+        Err(usage) => {
+            eprintln!("containerflip: {usage}");
+            return ExitCode::from(2);
+        }
+    };
+    if !matches!(cmd, Command::Run(_)) {
+        // Client commands keep the caller's signal behaviour (Ctrl-C).
+        let _ = sys::set_signal_mask(&original);
+    }
+    let code = match cmd {
+        Command::Help(text) => {
+            print!("{text}");
+            0
+        }
+        Command::Version => {
+            println!("containerflip {}", cli::VERSION);
+            0
+        }
+        Command::Run(cfg) => run::run(cfg),
+        Command::Deploy {
+            control,
+            timeout,
+            command,
+        } => client::deploy(control, timeout, command),
+        Command::Rollback { control } => client::rollback(control),
+        Command::Status {
+            control,
+            json,
+            check,
+        } => client::status(control, json, check),
+        Command::Stop { control } => client::stop(control),
+    };
+    ExitCode::from(code.clamp(0, 255) as u8)
 }

@@ -1,0 +1,467 @@
+//! Command-line parsing: one lexopt `match` loop per command into a plain
+//! config struct, the `--help` texts, and usage errors (exit 2). Nothing
+//! here touches the system beyond reading arguments.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lexopt::prelude::*;
+
+use crate::listen;
+use crate::signals;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub const HELP: &str = "\
+containerflip - zero-downtime deploys of a server on one host
+
+Usage:
+  containerflip run [OPTIONS] -- COMMAND [ARG...]
+  containerflip deploy [--control PATH] [--timeout DUR] [-- COMMAND [ARG...]]
+  containerflip rollback [--control PATH]
+  containerflip status [--control PATH] [--json] [--check]
+  containerflip stop [--control PATH]
+  containerflip --help | --version
+
+The supervisor (run) binds the listening sockets once and hands them to
+each worker generation as fd 3 and up (LISTEN_FDS). A deploy (SIGHUP or
+'containerflip deploy') starts a new generation on the same sockets and
+retires the old one once the new one says READY=1; a new generation that
+fails to become ready is stopped and the old one keeps serving.
+
+Run 'containerflip COMMAND --help' for a command's options.
+See containerflip(1) for the full manual.
+";
+
+pub const RUN_HELP: &str = "\
+Usage: containerflip run [OPTIONS] -- COMMAND [ARG...]
+
+Own the listening sockets and supervise generations of COMMAND.
+
+Options:
+  -l, --listen [NAME=]ADDR   socket to own (repeatable): PORT, :PORT,
+                             HOST:PORT, [IPV6]:PORT, unix:PATH or fd:N
+      --backlog N            listen(2) backlog [default: 4096]
+      --notify-mode MODE     NOTIFY_SOCKET type: dgram or stream [default: dgram]
+      --ready-timeout DUR    stop a generation not ready by then; 0 = wait
+                             forever [default: 60s]
+      --drain-timeout DUR    SIGKILL a draining generation after [default: 30s]
+      --stop-signal SIG      signal that asks a generation to drain [default: TERM]
+      --on-crash ACTION      restart or exit when the active generation
+                             dies on its own [default: restart]
+      --control PATH         control socket [default: see containerflip(1)]
+      --pidfile PATH         write the supervisor's pid here
+  -C, --chdir DIR            working directory of workers
+      --env-file PATH        KEY=VALUE lines added to each new worker's
+                             environment, read at every spawn
+  -q, --quiet                log only warnings and errors
+  -v, --verbose              log more
+  -h, --help                 print this help
+
+DUR is a number with a unit: ms, s, m or h (a bare number is seconds).
+SIG is a signal name (TERM, SIGQUIT) or number.
+";
+
+pub const DEPLOY_HELP: &str = "\
+Usage: containerflip deploy [--control PATH] [--timeout DUR] [-- COMMAND [ARG...]]
+
+Start a new generation (with COMMAND if given, else the current command),
+print its progress and exit 0 once it serves, 1 if it failed closed.
+
+Options:
+      --control PATH   control socket [default: see containerflip(1)]
+      --timeout DUR    stop waiting after DUR (the deploy goes on)
+  -h, --help           print this help
+";
+
+pub const ROLLBACK_HELP: &str = "\
+Usage: containerflip rollback [--control PATH]
+
+Deploy the command that was current before the last command change.
+
+Options:
+      --control PATH   control socket [default: see containerflip(1)]
+  -h, --help           print this help
+";
+
+pub const STATUS_HELP: &str = "\
+Usage: containerflip status [--control PATH] [--json] [--check]
+
+Show listeners, generations, counters and the last failure.
+
+Options:
+      --control PATH   control socket [default: see containerflip(1)]
+      --json           print one JSON object
+      --check          print nothing; exit 0 if a ready generation serves, else 1
+  -h, --help           print this help
+";
+
+pub const STOP_HELP: &str = "\
+Usage: containerflip stop [--control PATH]
+
+Stop the supervisor gracefully and wait until it has exited.
+
+Options:
+      --control PATH   control socket [default: see containerflip(1)]
+  -h, --help           print this help
+";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotifyMode {
+    Dgram,
+    Stream,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnCrash {
+    Restart,
+    Exit,
+}
+
+#[derive(Debug)]
+pub struct RunConfig {
+    pub listen: Vec<listen::Spec>,
+    pub backlog: i32,
+    pub notify_mode: NotifyMode,
+    /// `None`: wait forever.
+    pub ready_timeout: Option<Duration>,
+    pub drain_timeout: Duration,
+    pub stop_signal: i32,
+    pub on_crash: OnCrash,
+    pub control: Option<PathBuf>,
+    pub pidfile: Option<PathBuf>,
+    pub chdir: Option<PathBuf>,
+    pub env_file: Option<PathBuf>,
+    pub verbosity: u8,
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug)]
+pub enum Command {
+    Run(RunConfig),
+    Deploy {
+        control: Option<PathBuf>,
+        timeout: Option<Duration>,
+        command: Option<Vec<OsString>>,
+    },
+    Rollback {
+        control: Option<PathBuf>,
+    },
+    Status {
+        control: Option<PathBuf>,
+        json: bool,
+        check: bool,
+    },
+    Stop {
+        control: Option<PathBuf>,
+    },
+    Help(&'static str),
+    Version,
+}
+
+/// A usage error: one line naming what was wrong, ending with where to
+/// look. `main` prints it and exits 2.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (see 'containerflip --help')", self.0)
+    }
+}
+
+impl From<lexopt::Error> for Usage {
+    fn from(e: lexopt::Error) -> Usage {
+        Usage(e.to_string())
+    }
+}
+
+type Result<T> = std::result::Result<T, Usage>;
+
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command> {
+    let mut p = lexopt::Parser::from_iter(args);
+    match p.next()? {
+        None => Err(Usage(
+            "missing command: run, deploy, rollback, status or stop".into(),
+        )),
+        Some(Short('h') | Long("help")) => Ok(Command::Help(HELP)),
+        Some(Short('V') | Long("version")) => Ok(Command::Version),
+        Some(Value(cmd)) => match cmd.to_str() {
+            Some("run") => parse_run(p),
+            Some("deploy") => parse_deploy(p),
+            Some("rollback") => {
+                parse_control_only(p, ROLLBACK_HELP, |control| Command::Rollback { control })
+            }
+            Some("stop") => parse_control_only(p, STOP_HELP, |control| Command::Stop { control }),
+            Some("status") => parse_status(p),
+            _ => Err(Usage(format!(
+                "unknown command '{}'",
+                cmd.to_string_lossy()
+            ))),
+        },
+        Some(arg) => Err(arg.unexpected().into()),
+    }
+}
+
+fn parse_run(mut p: lexopt::Parser) -> Result<Command> {
+    let mut c = RunConfig {
+        listen: Vec::new(),
+        backlog: 4096,
+        notify_mode: NotifyMode::Dgram,
+        ready_timeout: Some(Duration::from_secs(60)),
+        drain_timeout: Duration::from_secs(30),
+        stop_signal: libc::SIGTERM,
+        on_crash: OnCrash::Restart,
+        control: None,
+        pidfile: None,
+        chdir: None,
+        env_file: None,
+        verbosity: 1,
+        command: Vec::new(),
+    };
+    while let Some(arg) = p.next()? {
+        match arg {
+            Short('l') | Long("listen") => {
+                let v = string(&mut p, "--listen")?;
+                let spec =
+                    listen::Spec::parse(&v).map_err(|e| Usage(format!("--listen '{v}': {e}")))?;
+                c.listen.push(spec);
+            }
+            Long("backlog") => {
+                let v = string(&mut p, "--backlog")?;
+                c.backlog = v.parse::<i32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    Usage(format!("--backlog: expected a positive number, got '{v}'"))
+                })?;
+            }
+            Long("notify-mode") => {
+                c.notify_mode = match string(&mut p, "--notify-mode")?.as_str() {
+                    "dgram" => NotifyMode::Dgram,
+                    "stream" => NotifyMode::Stream,
+                    v => {
+                        return Err(Usage(format!(
+                            "--notify-mode: expected dgram or stream, got '{v}'"
+                        )));
+                    }
+                }
+            }
+            Long("ready-timeout") => {
+                let d = duration(&mut p, "--ready-timeout")?;
+                c.ready_timeout = (!d.is_zero()).then_some(d);
+            }
+            Long("drain-timeout") => c.drain_timeout = duration(&mut p, "--drain-timeout")?,
+            Long("stop-signal") => {
+                let v = string(&mut p, "--stop-signal")?;
+                c.stop_signal = signals::parse(&v).ok_or_else(|| {
+                    Usage(format!(
+                        "--stop-signal: expected a signal name or number, got '{v}'"
+                    ))
+                })?;
+            }
+            Long("on-crash") => {
+                c.on_crash = match string(&mut p, "--on-crash")?.as_str() {
+                    "restart" => OnCrash::Restart,
+                    "exit" => OnCrash::Exit,
+                    v => {
+                        return Err(Usage(format!(
+                            "--on-crash: expected restart or exit, got '{v}'"
+                        )));
+                    }
+                }
+            }
+            Long("control") => c.control = Some(path(&mut p, "--control")?),
+            Long("pidfile") => c.pidfile = Some(path(&mut p, "--pidfile")?),
+            Short('C') | Long("chdir") => c.chdir = Some(path(&mut p, "--chdir")?),
+            Long("env-file") => c.env_file = Some(path(&mut p, "--env-file")?),
+            Short('q') | Long("quiet") => c.verbosity = 0,
+            Short('v') | Long("verbose") => c.verbosity = 2,
+            Short('h') | Long("help") => return Ok(Command::Help(RUN_HELP)),
+            Value(first) => {
+                c.command.push(first);
+                c.command.extend(p.raw_args()?);
+            }
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    if c.command.is_empty() {
+        return Err(Usage("run: missing the worker command after '--'".into()));
+    }
+    if c.command[0].is_empty() {
+        return Err(Usage("run: the worker command is empty".into()));
+    }
+    Ok(Command::Run(c))
+}
+
+fn parse_deploy(mut p: lexopt::Parser) -> Result<Command> {
+    let mut control = None;
+    let mut timeout = None;
+    let mut command: Option<Vec<OsString>> = None;
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("control") => control = Some(path(&mut p, "--control")?),
+            Long("timeout") => timeout = Some(duration(&mut p, "--timeout")?),
+            Short('h') | Long("help") => return Ok(Command::Help(DEPLOY_HELP)),
+            Value(first) => {
+                let mut argv = vec![first];
+                argv.extend(p.raw_args()?);
+                command = Some(argv);
+            }
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    if command.as_ref().is_some_and(|c| c[0].is_empty()) {
+        return Err(Usage("deploy: the worker command is empty".into()));
+    }
+    Ok(Command::Deploy {
+        control,
+        timeout,
+        command,
+    })
+}
+
+fn parse_status(mut p: lexopt::Parser) -> Result<Command> {
+    let (mut control, mut json, mut check) = (None, false, false);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("control") => control = Some(path(&mut p, "--control")?),
+            Long("json") => json = true,
+            Long("check") => check = true,
+            Short('h') | Long("help") => return Ok(Command::Help(STATUS_HELP)),
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    Ok(Command::Status {
+        control,
+        json,
+        check,
+    })
+}
+
+/// Commands whose only option is `--control`.
+fn parse_control_only(
+    mut p: lexopt::Parser,
+    help: &'static str,
+    make: fn(Option<PathBuf>) -> Command,
+) -> Result<Command> {
+    let mut control = None;
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("control") => control = Some(path(&mut p, "--control")?),
+            Short('h') | Long("help") => return Ok(Command::Help(help)),
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    Ok(make(control))
+}
+
+fn string(p: &mut lexopt::Parser, opt: &str) -> Result<String> {
+    let v = p
+        .value()
+        .map_err(|_| Usage(format!("{opt}: missing value")))?;
+    v.into_string()
+        .map_err(|v| Usage(format!("{opt}: invalid UTF-8 in '{}'", v.to_string_lossy())))
+}
+
+fn path(p: &mut lexopt::Parser, opt: &str) -> Result<PathBuf> {
+    let v = p
+        .value()
+        .map_err(|_| Usage(format!("{opt}: missing value")))?;
+    if v.is_empty() {
+        return Err(Usage(format!(
+            "{opt}: expected a path, got an empty string"
+        )));
+    }
+    Ok(PathBuf::from(v))
+}
+
+fn duration(p: &mut lexopt::Parser, opt: &str) -> Result<Duration> {
+    let v = string(p, opt)?;
+    parse_duration(&v).ok_or_else(|| {
+        Usage(format!(
+            "{opt}: expected a duration like 500ms, 30s or 2m, got '{v}'"
+        ))
+    })
+}
+
+/// `500ms`, `30s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+/// `412ms`, `3s`, `2m`: the shortest exact rendering, for log lines.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(60_000) && ms >= 60_000 {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) && ms >= 1000 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<OsString> {
+        std::iter::once("containerflip")
+            .chain(s.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("bogus"), None);
+        assert_eq!(parse_duration("5x"), None);
+        assert_eq!(parse_duration(""), None);
+        assert_eq!(format_duration(Duration::from_millis(412)), "412ms");
+        assert_eq!(format_duration(Duration::from_secs(30)), "30s");
+    }
+
+    #[test]
+    fn run_options() {
+        let Command::Run(c) = parse(args(&[
+            "run",
+            "--listen=8080",
+            "--ready-timeout",
+            "0",
+            "--stop-signal=SIGQUIT",
+            "--",
+            "node",
+            "--inspect",
+            "app.js",
+        ]))
+        .unwrap() else {
+            panic!("not run")
+        };
+        assert_eq!(c.ready_timeout, None);
+        assert_eq!(c.stop_signal, libc::SIGQUIT);
+        assert_eq!(c.command, ["node", "--inspect", "app.js"]);
+    }
+
+    #[test]
+    fn usage_errors_name_the_option() {
+        let e = parse(args(&["run", "--ready-timeout", "bogus", "--", "x"])).unwrap_err();
+        assert!(e.to_string().contains("--ready-timeout"), "{e}");
+        let e = parse(args(&["run", "--frobnicate", "--", "x"])).unwrap_err();
+        assert!(e.to_string().contains("--frobnicate"), "{e}");
+        let e = parse(args(&["run", "--listen", "8080"])).unwrap_err();
+        assert!(e.to_string().contains("command"), "{e}");
+    }
+}

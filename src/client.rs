@@ -1,0 +1,172 @@
+//! The client commands: `deploy`, `rollback`, `status` and `stop` speak
+//! the control protocol (see `control`) to a running supervisor and turn
+//! its answer into output and an exit code: 0 done, 1 failed, 3 nobody
+//! answers at the control path.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::control;
+
+/// Exit code when no supervisor answers.
+pub const NO_SUPERVISOR: i32 = 3;
+
+enum Outcome {
+    Ok(String),
+    Failed(String),
+}
+
+pub fn deploy(
+    control: Option<PathBuf>,
+    timeout: Option<Duration>,
+    command: Option<Vec<OsString>>,
+) -> i32 {
+    let req = control::encode_request("deploy", None, command.as_deref());
+    finish(exchange(control, &req, timeout, &mut |kind, text| {
+        if kind == "progress" {
+            println!("{text}");
+        }
+    }))
+}
+
+pub fn rollback(control: Option<PathBuf>) -> i32 {
+    let req = control::encode_request("rollback", None, None);
+    finish(exchange(control, &req, None, &mut |kind, text| {
+        if kind == "progress" {
+            println!("{text}");
+        }
+    }))
+}
+
+pub fn status(control: Option<PathBuf>, json: bool, check: bool) -> i32 {
+    let param = match (check, json) {
+        (true, _) => "check",
+        (false, true) => "json",
+        (false, false) => "text",
+    };
+    let req = control::encode_request("status", Some(param), None);
+    finish(exchange(
+        control,
+        &req,
+        Some(Duration::from_secs(30)),
+        &mut |kind, text| {
+            if kind == "data" {
+                println!("{text}");
+            }
+        },
+    ))
+}
+
+pub fn stop(control: Option<PathBuf>) -> i32 {
+    let req = control::encode_request("stop", None, None);
+    match exchange(control, &req, None, &mut |_, _| {}) {
+        Ok(Outcome::Ok(text)) => {
+            // "exited with status N": the supervisor's own exit status.
+            println!("supervisor {text}");
+            0
+        }
+        other => finish(other),
+    }
+}
+
+fn finish(r: Result<Outcome, (i32, String)>) -> i32 {
+    match r {
+        Ok(Outcome::Ok(text)) => {
+            if !text.is_empty() {
+                println!("{text}");
+            }
+            0
+        }
+        Ok(Outcome::Failed(text)) => {
+            eprintln!("containerflip: {text}");
+            1
+        }
+        Err((code, text)) => {
+            eprintln!("containerflip: {text}");
+            code
+        }
+    }
+}
+
+/// Send one request and read reply lines until `ok`/`error`, passing
+/// `progress` and `data` lines to `each` as they arrive.
+fn exchange(
+    path: Option<PathBuf>,
+    request: &[u8],
+    timeout: Option<Duration>,
+    each: &mut dyn FnMut(&str, &str),
+) -> Result<Outcome, (i32, String)> {
+    let path = path.unwrap_or_else(control::default_path);
+    let shown = path.display().to_string();
+    let stream = connect(&path).map_err(|e| {
+        (
+            NO_SUPERVISOR,
+            format!(
+                "no supervisor answers at {shown}: {}",
+                crate::error::os_message(&e)
+            ),
+        )
+    })?;
+    let lost = |e: std::io::Error| {
+        (
+            1,
+            format!(
+                "connection to {shown} lost: {}",
+                crate::error::os_message(&e)
+            ),
+        )
+    };
+    (&stream).write_all(request).map_err(lost)?;
+    let give_up = timeout.map(|t| (Instant::now() + t, t));
+    let mut reader = BufReader::new(&stream);
+    let mut line = Vec::new();
+    loop {
+        if let Some((at, t)) = give_up {
+            let left = at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err((
+                    1,
+                    format!(
+                        "gave up waiting after {} (the supervisor carries on)",
+                        crate::cli::format_duration(t)
+                    ),
+                ));
+            }
+            stream.set_read_timeout(Some(left)).map_err(lost)?;
+        }
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => {
+                return Err((
+                    1,
+                    format!("the supervisor at {shown} closed the connection without a result"),
+                ));
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(lost(e)),
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches('\n');
+        let (kind, rest) = text.split_once(' ').unwrap_or((text, ""));
+        match kind {
+            "ok" => return Ok(Outcome::Ok(rest.to_string())),
+            "error" => return Ok(Outcome::Failed(rest.to_string())),
+            _ => each(kind, rest),
+        }
+    }
+}
+
+fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    UnixStream::connect(path)
+}

@@ -1,0 +1,561 @@
+//! The control socket (SPEC §6): a unix stream socket, mode 0600, whose
+//! peers must be root or our own uid, served by the supervisor's poll
+//! loop without ever blocking it. This module owns the wire protocol
+//! and the client connections; the supervisor decides what a request
+//! does and answers through [`Control::progress`] and [`Control::finish`].
+//!
+//! Protocol version 1, line-oriented, every line ending in `\n`:
+//!
+//! ```text
+//! request:  containerflip/1 VERB [PARAM]     VERB: deploy rollback status stop
+//!           arg HEX                          deploy only, one per argv word,
+//!                                            hex of the raw bytes
+//!           (empty line)                     end of request
+//! replies:  progress TEXT                    as it happens
+//!           data TEXT                        output (status)
+//!           ok TEXT | error TEXT             last line; then the server closes
+//! ```
+//!
+//! `status` takes `text`, `json` or `check`. A request is at most
+//! [`MAX_REQUEST`] bytes and must be complete within [`REQUEST_TIMEOUT`];
+//! replies are queued up to [`MAX_OUTPUT`] bytes per client, and a client
+//! that reads nothing past that is dropped. A client that goes away does
+//! not cancel what it asked for.
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::event::PollFlags;
+use rustix::io::Errno;
+use rustix::net::{
+    self, AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType, sockopt,
+};
+
+use crate::error::{Error, Result};
+use crate::{debug, warn};
+
+pub const PROTOCOL: &str = "containerflip/1";
+pub const MAX_REQUEST: usize = 256 * 1024;
+pub const MAX_ARGS: usize = 4096;
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_OUTPUT: usize = 1024 * 1024;
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CLIENTS: usize = 128;
+
+pub type ClientId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFormat {
+    Text,
+    Json,
+    Check,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    /// A new command, or `None` for the current one.
+    Deploy(Option<Vec<OsString>>),
+    Rollback,
+    Status(StatusFormat),
+    Stop,
+}
+
+/// The default control path, in SPEC §6 order.
+pub fn default_path() -> PathBuf {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(p) = var("CONTAINERFLIP_CONTROL") {
+        return p.into();
+    }
+    for dir in ["RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"] {
+        if let Some(d) = var(dir).and_then(|v| std::env::split_paths(&v).next()) {
+            return d.join("containerflip.sock");
+        }
+    }
+    let uid = rustix::process::getuid();
+    if uid.is_root() {
+        return "/run/containerflip.sock".into();
+    }
+    format!("/tmp/containerflip-{}.sock", uid.as_raw()).into()
+}
+
+/// Encode a request (client side).
+pub fn encode_request(verb: &str, param: Option<&str>, args: Option<&[OsString]>) -> Vec<u8> {
+    let mut out = format!("{PROTOCOL} {verb}").into_bytes();
+    if let Some(p) = param {
+        out.push(b' ');
+        out.extend_from_slice(p.as_bytes());
+    }
+    out.push(b'\n');
+    for a in args.unwrap_or_default() {
+        out.extend_from_slice(b"arg ");
+        for b in a.as_bytes() {
+            out.extend_from_slice(format!("{b:02x}").as_bytes());
+        }
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    out
+}
+
+/// Parse a complete request (everything before the empty line).
+pub fn parse_request(text: &[u8]) -> std::result::Result<Request, String> {
+    let mut lines = text.split(|&b| b == b'\n');
+    let head = lines.next().unwrap_or_default();
+    let head =
+        std::str::from_utf8(head).map_err(|_| "the request line is not UTF-8".to_string())?;
+    let mut words = head.split(' ');
+    let proto = words.next().unwrap_or_default();
+    if proto != PROTOCOL {
+        let shown: String = proto.chars().take(40).collect();
+        return Err(format!(
+            "unsupported protocol '{shown}': this supervisor speaks {PROTOCOL}"
+        ));
+    }
+    let verb = words.next().unwrap_or_default();
+    let param = words.next();
+    if words.next().is_some() {
+        return Err("too many words in the request line".into());
+    }
+    let mut args = Vec::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let Some(hex) = line.strip_prefix(b"arg ") else {
+            return Err("expected 'arg HEX' lines after the request line".into());
+        };
+        if args.len() == MAX_ARGS {
+            return Err(format!("more than {MAX_ARGS} arguments"));
+        }
+        args.push(OsString::from_vec(
+            unhex(hex).ok_or("an 'arg' line is not valid hex")?,
+        ));
+    }
+    let no_args = |r: Request| {
+        if args.is_empty() {
+            Ok(r)
+        } else {
+            Err(format!("'{verb}' takes no arguments"))
+        }
+    };
+    match (verb, param) {
+        ("deploy", None) => {
+            if args.first().is_some_and(|a| a.is_empty()) {
+                return Err("the command is empty".into());
+            }
+            Ok(Request::Deploy((!args.is_empty()).then_some(args)))
+        }
+        ("rollback", None) => no_args(Request::Rollback),
+        ("stop", None) => no_args(Request::Stop),
+        ("status", None | Some("text")) => no_args(Request::Status(StatusFormat::Text)),
+        ("status", Some("json")) => no_args(Request::Status(StatusFormat::Json)),
+        ("status", Some("check")) => no_args(Request::Status(StatusFormat::Check)),
+        ("deploy" | "rollback" | "stop" | "status", Some(p)) => {
+            Err(format!("'{verb}' does not take '{:.20}'", p))
+        }
+        _ => Err(format!("unknown request '{:.20}'", verb)),
+    }
+}
+
+fn unhex(hex: &[u8]) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    hex.chunks(2)
+        .map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok())
+        .collect()
+}
+
+/// Render argv for a log line, quoting words that need it.
+pub fn shell_words(argv: &[OsString]) -> String {
+    argv.iter()
+        .map(|a| {
+            let s = a.to_string_lossy();
+            let plain = !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+            if plain {
+                s.into_owned()
+            } else {
+                format!("'{}'", s.replace('\'', "'\\''").replace('\n', "\\n"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    /// Reading the request, until the deadline.
+    Reading,
+    /// Request handed to the supervisor; waiting for its result.
+    Waiting,
+    /// Result queued; close once it is written.
+    Closing,
+}
+
+struct Client {
+    id: ClientId,
+    fd: OwnedFd,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    phase: Phase,
+    deadline: Option<Instant>,
+}
+
+pub struct Control {
+    fd: OwnedFd,
+    path: PathBuf,
+    clients: Vec<Client>,
+    next_id: ClientId,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Control {
+    /// Bind `path` with mode 0600. A live socket there is another
+    /// supervisor: refuse. A stale one is replaced.
+    pub fn bind(path: &Path) -> Result<Control> {
+        let shown = path.display();
+        let addr = SocketAddrUnix::new(path)
+            .map_err(|e| Error::os(format!("use control socket {shown}"), e))?;
+        let fd = net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )
+        .map_err(|e| Error::os("create the control socket", e))?;
+        if std::fs::symlink_metadata(path).is_ok() {
+            let probe = net::socket_with(
+                AddressFamily::UNIX,
+                SocketType::STREAM,
+                SocketFlags::CLOEXEC,
+                None,
+            )
+            .map_err(|e| Error::os("create a socket", e))?;
+            if !matches!(net::connect(&probe, &addr), Err(Errno::CONNREFUSED)) {
+                return Err(Error::msg(
+                    format!("bind control socket {shown}"),
+                    "another supervisor answers there (give this one its own --control PATH)",
+                ));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| Error::os(format!("remove stale control socket {shown}"), e))?;
+        }
+        // umask makes the socket 0600 from the start: a chmod after bind
+        // would leave a window. We are single-threaded, so this is safe.
+        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+        let bound = net::bind(&fd, &addr);
+        rustix::process::umask(old);
+        bound.map_err(|e| Error::os(format!("bind control socket {shown}"), e))?;
+        let c = Control {
+            fd,
+            path: path.to_path_buf(),
+            clients: Vec::new(),
+            next_id: 1,
+        };
+        net::listen(&c.fd, 256)
+            .map_err(|e| Error::os(format!("listen on control socket {shown}"), e))?;
+        Ok(c)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn poll_fds(&self) -> impl Iterator<Item = (BorrowedFd<'_>, PollFlags)> + '_ {
+        let listen = (self.clients.len() < MAX_CLIENTS).then(|| (self.fd.as_fd(), PollFlags::IN));
+        listen.into_iter().chain(self.clients.iter().map(|c| {
+            let mut flags = PollFlags::empty();
+            if c.phase != Phase::Closing {
+                // While waiting we still watch for hang-ups and stray bytes.
+                flags |= PollFlags::IN;
+            }
+            if !c.output.is_empty() {
+                flags |= PollFlags::OUT;
+            }
+            (c.fd.as_fd(), flags)
+        }))
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        self.clients.iter().filter_map(|c| c.deadline).min()
+    }
+
+    /// Handle readiness of `fd`; returns complete requests.
+    pub fn on_ready(
+        &mut self,
+        fd: RawFd,
+        flags: PollFlags,
+        now: Instant,
+    ) -> Vec<(ClientId, Request)> {
+        let mut out = Vec::new();
+        if fd == self.fd.as_raw_fd() {
+            self.accept(now);
+            return out;
+        }
+        let Some(i) = self.clients.iter().position(|c| c.fd.as_raw_fd() == fd) else {
+            return out;
+        };
+        if flags.intersects(PollFlags::OUT) {
+            self.flush(i);
+        }
+        if flags.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR)
+            && let Some(req) = self.read(i)
+        {
+            out.push((self.clients[i].id, req));
+        }
+        self.clients
+            .retain(|c| !(c.phase == Phase::Closing && c.output.is_empty()));
+        out
+    }
+
+    fn accept(&mut self, now: Instant) {
+        while self.clients.len() < MAX_CLIENTS {
+            let fd = match net::accept_with(&self.fd, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
+            {
+                Ok(fd) => fd,
+                Err(Errno::INTR | Errno::CONNABORTED) => continue,
+                Err(_) => return,
+            };
+            let me = rustix::process::getuid().as_raw();
+            match sockopt::socket_peercred(&fd) {
+                Ok(cred) if cred.uid.is_root() || cred.uid.as_raw() == me => {}
+                Ok(cred) => {
+                    warn!(
+                        "control connection from uid {} pid {} refused: only root and uid {me} may control this supervisor",
+                        cred.uid.as_raw(),
+                        cred.pid.as_raw_nonzero()
+                    );
+                    let msg = format!(
+                        "error permission denied: uid {} may not control this supervisor\n",
+                        cred.uid.as_raw()
+                    );
+                    let _ = net::send(
+                        &fd,
+                        msg.as_bytes(),
+                        SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+                    );
+                    continue;
+                }
+                Err(_) => continue,
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            self.clients.push(Client {
+                id,
+                fd,
+                input: Vec::new(),
+                output: Vec::new(),
+                phase: Phase::Reading,
+                deadline: Some(now + REQUEST_TIMEOUT),
+            });
+        }
+    }
+
+    /// Read what is there. Returns a request once the empty line arrives.
+    fn read(&mut self, i: usize) -> Option<Request> {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let c = &mut self.clients[i];
+            match rustix::io::read(&c.fd, &mut buf) {
+                Ok(0) => {
+                    // Gone. A waiting request carries on without it.
+                    c.output.clear();
+                    c.phase = Phase::Closing;
+                    return None;
+                }
+                Ok(n) => {
+                    if c.phase != Phase::Reading {
+                        continue; // one request per connection; ignore the rest
+                    }
+                    c.input.extend_from_slice(&buf[..n]);
+                    if let Some(end) = find_end(&c.input) {
+                        let input = std::mem::take(&mut c.input);
+                        c.deadline = None;
+                        match parse_request(&input[..end]) {
+                            Ok(req) => {
+                                debug!(
+                                    "control request: {}",
+                                    String::from_utf8_lossy(&input[..end])
+                                        .lines()
+                                        .next()
+                                        .unwrap_or("")
+                                );
+                                c.phase = Phase::Waiting;
+                                return Some(req);
+                            }
+                            Err(e) => {
+                                warn!("control request refused: {e}");
+                                self.finish_at(i, false, &e);
+                                return None;
+                            }
+                        }
+                    }
+                    if c.input.len() > MAX_REQUEST {
+                        let e = format!("request larger than {MAX_REQUEST} bytes");
+                        warn!("control request refused: {e}");
+                        self.finish_at(i, false, &e);
+                        return None;
+                    }
+                }
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => return None,
+                Err(_) => {
+                    c.output.clear();
+                    c.phase = Phase::Closing;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Close clients whose request did not arrive in time.
+    pub fn expire(&mut self, now: Instant) {
+        for i in 0..self.clients.len() {
+            if self.clients[i].deadline.is_some_and(|d| d <= now) {
+                self.clients[i].deadline = None;
+                debug!(
+                    "control client sent no complete request within {}s",
+                    REQUEST_TIMEOUT.as_secs()
+                );
+                self.finish_at(i, false, "no complete request in time");
+            }
+        }
+        self.clients
+            .retain(|c| !(c.phase == Phase::Closing && c.output.is_empty()));
+    }
+
+    /// Queue a `progress` line for a waiting client.
+    pub fn progress(&mut self, id: ClientId, text: &str) {
+        self.send_line(id, "progress", text);
+    }
+
+    /// Queue `data` lines (multi-line output) for a client.
+    pub fn data(&mut self, id: ClientId, text: &str) {
+        for line in text.lines() {
+            self.send_line(id, "data", line);
+        }
+    }
+
+    /// Queue the final line and close after it.
+    pub fn finish(&mut self, id: ClientId, ok: bool, text: &str) {
+        if let Some(i) = self.clients.iter().position(|c| c.id == id) {
+            self.finish_at(i, ok, text);
+            self.clients
+                .retain(|c| !(c.phase == Phase::Closing && c.output.is_empty()));
+        }
+    }
+
+    fn finish_at(&mut self, i: usize, ok: bool, text: &str) {
+        let id = self.clients[i].id;
+        self.send_line(id, if ok { "ok" } else { "error" }, text);
+        let c = &mut self.clients[i];
+        c.phase = Phase::Closing;
+        c.deadline = None;
+        self.flush(i);
+    }
+
+    fn send_line(&mut self, id: ClientId, kind: &str, text: &str) {
+        let Some(i) = self.clients.iter().position(|c| c.id == id) else {
+            return; // the client went away; what it asked for goes on
+        };
+        let c = &mut self.clients[i];
+        if c.phase == Phase::Closing {
+            return;
+        }
+        let line = format!("{kind} {}\n", text.replace('\n', " "));
+        if c.output.len() + line.len() > MAX_OUTPUT {
+            debug!("control client reads nothing; dropping it");
+            c.output.clear();
+            c.phase = Phase::Closing;
+            return;
+        }
+        c.output.extend_from_slice(line.as_bytes());
+        self.flush(i);
+    }
+
+    fn flush(&mut self, i: usize) {
+        let c = &mut self.clients[i];
+        while !c.output.is_empty() {
+            match net::send(&c.fd, &c.output, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
+                Ok(n) => {
+                    c.output.drain(..n);
+                }
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => return,
+                Err(_) => {
+                    c.output.clear();
+                    c.phase = Phase::Closing;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Last chance before exit: write what we can without waiting.
+    pub fn flush_all(&mut self) {
+        for i in 0..self.clients.len() {
+            self.flush(i);
+        }
+    }
+}
+
+/// Index of the blank line that ends a request: "\n\n" (or a request
+/// that starts with a blank line, which parses as an error).
+fn find_end(input: &[u8]) -> Option<usize> {
+    if input.first() == Some(&b'\n') {
+        return Some(0);
+    }
+    input.windows(2).position(|w| w == b"\n\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv_round_trips_byte_exact() {
+        let argv: Vec<OsString> = vec![
+            "printf".into(),
+            "a b".into(),
+            "\"q'".into(),
+            "line\nbreak".into(),
+            "".into(),
+            OsString::from_vec(vec![0xff, 0xfe, b'x']),
+        ];
+        let req = encode_request("deploy", None, Some(&argv));
+        let end = find_end(&req).unwrap();
+        assert_eq!(parse_request(&req[..end]), Ok(Request::Deploy(Some(argv))));
+    }
+
+    #[test]
+    fn bad_requests() {
+        assert!(
+            parse_request(b"containerflip/2 status")
+                .unwrap_err()
+                .contains("protocol")
+        );
+        assert!(
+            parse_request(b"containerflip/1 frobnicate")
+                .unwrap_err()
+                .contains("unknown")
+        );
+        assert!(parse_request(b"\xff\xfe").is_err());
+        assert!(parse_request(b"containerflip/1 deploy\narg zz").is_err());
+        assert_eq!(
+            parse_request(b"containerflip/1 status json"),
+            Ok(Request::Status(StatusFormat::Json))
+        );
+    }
+
+    #[test]
+    fn words() {
+        assert_eq!(shell_words(&["node".into(), "a b".into()]), "node 'a b'");
+    }
+}

@@ -1,0 +1,131 @@
+//! One generation: a started worker and everything in its process group,
+//! with its state, its deadline and what it told us.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::time::Instant;
+
+use rustix::process::WaitStatus;
+
+use crate::notify::NotifySocket;
+use crate::signals;
+use crate::sys;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Exit {
+    pub fn from_wait(status: WaitStatus) -> Exit {
+        match (status.exit_status(), status.terminating_signal()) {
+            (Some(code), _) => Exit::Code(code),
+            (None, Some(sig)) => Exit::Signal(sig),
+            (None, None) => Exit::Code(1),
+        }
+    }
+
+    /// Shell convention: the code, or 128 + the signal number.
+    pub fn code(self) -> i32 {
+        match self {
+            Exit::Code(c) => c,
+            Exit::Signal(s) => 128 + s,
+        }
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "status {c}"),
+            Exit::Signal(s) => write!(f, "signal {}", signals::name(*s)),
+        }
+    }
+}
+
+/// SPEC §1: starting → ready (active) → draining → exited; a generation
+/// that fails before readiness is `Failed` while it is being stopped.
+/// "Exited" is not a state here: it is `exit.is_some()`, and a generation
+/// leaves the table once its worker is reaped and its group is empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Starting,
+    Ready,
+    Draining,
+    Failed,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Ready => "ready",
+            State::Draining => "draining",
+            State::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Generation {
+    pub n: u64,
+    pub pid: i32,
+    /// Wakes the loop when the worker exits; dropped once it is reaped.
+    pub pidfd: Option<OwnedFd>,
+    pub notify: Option<NotifySocket>,
+    pub command: Rc<[OsString]>,
+    pub state: State,
+    pub started: Instant,
+    pub ready_at: Option<Instant>,
+    /// Ready deadline while starting; SIGKILL deadline while draining or
+    /// failed.
+    pub deadline: Option<Instant>,
+    /// Last `STATUS=`.
+    pub status_text: Option<String>,
+    /// Set once the worker is reaped.
+    pub exit: Option<Exit>,
+    /// Sent `STOPPING=1`: leaving on its own.
+    pub leaving: bool,
+    /// Malformed notify input was already logged once.
+    pub noisy: bool,
+}
+
+impl Generation {
+    /// "gen 5 pid 1234", the prefix of every log line about it.
+    pub fn tag(&self) -> String {
+        format!("gen {} pid {}", self.n, self.pid)
+    }
+
+    /// Signal the whole process group (the worker is its leader). Falls
+    /// back to the worker alone if the group does not exist yet.
+    pub fn signal_group(&self, sig: i32) {
+        if sys::kill(-self.pid, sig).is_err() && self.exit.is_none() {
+            let _ = sys::kill(self.pid, sig);
+        }
+    }
+
+    /// Signal the worker process only (forwarded signals).
+    pub fn signal_worker(&self, sig: i32) {
+        if self.exit.is_none() {
+            let _ = sys::kill(self.pid, sig);
+        }
+    }
+
+    /// Whether anything is left in the process group. A group id is not
+    /// reused while any member lives, so this cannot hit a stranger.
+    pub fn group_alive(&self) -> bool {
+        match sys::kill(-self.pid, 0) {
+            Ok(()) => true,
+            Err(e) => e.raw_os_error() != Some(libc::ESRCH),
+        }
+    }
+
+    /// Whether the worker process is still running (not yet reaped).
+    pub fn running(&self) -> bool {
+        self.exit.is_none()
+    }
+}

@@ -1,0 +1,383 @@
+//! The service's listening sockets: parse `--listen`, bind them (or adopt
+//! the ones systemd passed us), and park them at fds 3, 4, … in the
+//! supervisor itself, close-on-exec, so that a child only has to clear
+//! the flag to hand them on at the numbers `LISTEN_FDS` promises. The
+//! supervisor never accepts on them; it only keeps them open.
+
+use std::ffi::OsStr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use rustix::io::Errno;
+use rustix::net::{self, AddressFamily, SocketAddrUnix, SocketFlags, SocketType, sockopt};
+
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// First fd handed to workers (`SD_LISTEN_FDS_START`).
+pub const FIRST_FD: RawFd = 3;
+
+/// One `--listen` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    pub name: Option<String>,
+    pub addr: Addr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addr {
+    /// All addresses, dual-stack (`PORT`, `:PORT`).
+    Any(u16),
+    Tcp(SocketAddr),
+    /// A path, or an abstract name when it starts with `@`.
+    Unix(PathBuf),
+    Fd(RawFd),
+}
+
+impl Spec {
+    pub fn parse(s: &str) -> std::result::Result<Spec, String> {
+        let (name, addr) = match s.split_once('=') {
+            Some((n, a)) if !n.contains([':', '/', '[']) => (Some(n), a),
+            _ => (None, s),
+        };
+        if let Some(n) = name {
+            // sd_listen_fds_with_names(3): names are at most 255 printable
+            // characters without ':' (the separator in LISTEN_FDNAMES).
+            if n.is_empty() || n.len() > 255 || !n.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "bad name '{n}': use 1 to 255 printable characters without ':'"
+                ));
+            }
+        }
+        let addr = if let Some(path) = addr.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path".into());
+            }
+            if path.len() > 107 {
+                return Err("unix socket path longer than 107 bytes".into());
+            }
+            Addr::Unix(PathBuf::from(path))
+        } else if let Some(n) = addr.strip_prefix("fd:") {
+            match n.parse::<RawFd>() {
+                Ok(fd) if fd >= FIRST_FD => Addr::Fd(fd),
+                _ => return Err("fd: needs a descriptor number of 3 or more".into()),
+            }
+        } else if let Some(port) = addr.strip_prefix(':') {
+            Addr::Any(parse_port(port)?)
+        } else if addr.bytes().all(|b| b.is_ascii_digit()) {
+            Addr::Any(parse_port(addr)?)
+        } else {
+            match addr.parse::<SocketAddr>() {
+                Ok(a) => Addr::Tcp(a),
+                Err(_) => {
+                    return Err(
+                        "expected PORT, :PORT, IPV4:PORT, [IPV6]:PORT, unix:PATH or fd:N (host names are not resolved)"
+                            .into(),
+                    );
+                }
+            }
+        };
+        Ok(Spec {
+            name: name.map(str::to_string),
+            addr,
+        })
+    }
+}
+
+fn parse_port(s: &str) -> std::result::Result<u16, String> {
+    s.parse::<u16>()
+        .map_err(|_| format!("bad port '{s}': expected 0 to 65535"))
+}
+
+/// A socket we hold for our whole life, parked at fd `3 + index`.
+#[derive(Debug)]
+pub struct Listener {
+    pub fd: OwnedFd,
+    /// The name for `LISTEN_FDNAMES` (`unknown` when none was given).
+    pub name: String,
+    /// What it is bound to, for logs and `status`.
+    pub display: String,
+    /// A socket file we created and remove at exit.
+    pub unix_path: Option<PathBuf>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Bind or adopt every spec, then park the sockets at 3, 4, …
+pub fn open_all(specs: &[Spec], backlog: i32, inherited: &Inherited) -> Result<Vec<Listener>> {
+    let mut out = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let mut l = open(spec, backlog)?;
+        if spec.name.is_none()
+            && let Addr::Fd(fd) = spec.addr
+            && let Some(n) = inherited.name_of(fd)
+        {
+            l.name = n.to_string();
+        }
+        out.push(l);
+    }
+    park(out)
+}
+
+/// Sockets passed to us by socket activation (`LISTEN_FDS` with
+/// `LISTEN_PID` equal to our pid), see sd_listen_fds(3).
+#[derive(Debug, Default)]
+pub struct Inherited {
+    pub count: i32,
+    pub names: Vec<String>,
+}
+
+impl Inherited {
+    /// Read (not yet adopt) what systemd passed to this very process.
+    pub fn from_env() -> Inherited {
+        let pid = std::env::var("LISTEN_PID")
+            .ok()
+            .and_then(|p| p.parse::<i32>().ok());
+        if pid != Some(rustix::process::getpid().as_raw_nonzero().get()) {
+            return Inherited::default();
+        }
+        let count = std::env::var("LISTEN_FDS")
+            .ok()
+            .and_then(|n| n.parse::<i32>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(0);
+        let names = std::env::var("LISTEN_FDNAMES")
+            .map(|n| n.split(':').map(str::to_string).collect())
+            .unwrap_or_default();
+        Inherited { count, names }
+    }
+
+    fn name_of(&self, fd: RawFd) -> Option<&str> {
+        let i = usize::try_from(fd - FIRST_FD).ok()?;
+        self.names
+            .get(i)
+            .map(String::as_str)
+            .filter(|n| !n.is_empty())
+    }
+
+    /// `--listen fd:3 --listen fd:4 …` for every inherited socket.
+    pub fn specs(&self) -> Vec<Spec> {
+        (0..self.count)
+            .map(|i| Spec {
+                name: None,
+                addr: Addr::Fd(FIRST_FD + i),
+            })
+            .collect()
+    }
+}
+
+fn open(spec: &Spec, backlog: i32) -> Result<Listener> {
+    let unnamed = || spec.name.clone().unwrap_or_else(|| "unknown".into());
+    match &spec.addr {
+        Addr::Any(port) => {
+            let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), *port);
+            match bind_tcp(v6, backlog) {
+                Err((Errno::AFNOSUPPORT, _)) => {
+                    let v4 = SocketAddr::from(([0, 0, 0, 0], *port));
+                    tcp_listener(v4, backlog, unnamed())
+                }
+                Err((e, what)) => Err(Error::os(format!("{what} [::]:{port}"), e)),
+                Ok(fd) => finish_tcp(fd, unnamed()),
+            }
+        }
+        Addr::Tcp(addr) => tcp_listener(*addr, backlog, unnamed()),
+        Addr::Unix(path) => bind_unix(path, backlog, unnamed()),
+        Addr::Fd(fd) => adopt(*fd, unnamed()),
+    }
+}
+
+fn tcp_listener(addr: SocketAddr, backlog: i32, name: String) -> Result<Listener> {
+    let fd = bind_tcp(addr, backlog).map_err(|(e, what)| Error::os(format!("{what} {addr}"), e))?;
+    finish_tcp(fd, name)
+}
+
+fn finish_tcp(fd: OwnedFd, name: String) -> Result<Listener> {
+    let display = match net::getsockname(&fd)
+        .ok()
+        .and_then(|a| SocketAddr::try_from(a).ok())
+    {
+        Some(a) => a.to_string(),
+        None => "?".into(),
+    };
+    Ok(Listener {
+        fd,
+        name,
+        display,
+        unix_path: None,
+    })
+}
+
+/// socket, SO_REUSEADDR, (dual-stack for `[::]`), bind, listen. The error
+/// names the step that failed.
+fn bind_tcp(addr: SocketAddr, backlog: i32) -> std::result::Result<OwnedFd, (Errno, &'static str)> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+        .map_err(|e| (e, "create a socket for"))?;
+    sockopt::set_socket_reuseaddr(&fd, true).map_err(|e| (e, "set SO_REUSEADDR on"))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // Dual-stack whatever net.ipv6.bindv6only says; `[::1]` stays v6.
+        sockopt::set_ipv6_v6only(&fd, false).map_err(|e| (e, "clear IPV6_V6ONLY on"))?;
+    }
+    net::bind(&fd, &addr).map_err(|e| (e, "bind"))?;
+    net::listen(&fd, backlog).map_err(|e| (e, "listen on"))?;
+    Ok(fd)
+}
+
+fn bind_unix(path: &std::path::Path, backlog: i32, name: String) -> Result<Listener> {
+    let shown = format!("unix:{}", path.display());
+    let bytes = path.as_os_str().as_bytes();
+    let abstract_name = bytes.strip_prefix(b"@");
+    let addr = match abstract_name {
+        Some(n) => SocketAddrUnix::new_abstract_name(n),
+        None => SocketAddrUnix::new(path),
+    }
+    .map_err(|e| Error::os(format!("use {shown}"), e))?;
+    let fd = net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| Error::os(format!("create a socket for {shown}"), e))?;
+    match net::bind(&fd, &addr) {
+        Err(Errno::ADDRINUSE) if abstract_name.is_none() => {
+            // A file is there. Remove it only if nobody listens on it: a
+            // stale socket refuses connections; a live one accepts.
+            if socket_is_live(&addr) {
+                return Err(Error::os(format!("bind {shown}"), Errno::ADDRINUSE));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| Error::os(format!("remove stale {shown}"), e))?;
+            net::bind(&fd, &addr).map_err(|e| Error::os(format!("bind {shown}"), e))?;
+        }
+        Err(e) => return Err(Error::os(format!("bind {shown}"), e)),
+        Ok(()) => {}
+    }
+    let unix_path = abstract_name.is_none().then(|| path.to_path_buf());
+    let l = Listener {
+        fd,
+        name,
+        display: shown.clone(),
+        unix_path,
+    };
+    net::listen(&l.fd, backlog).map_err(|e| Error::os(format!("listen on {shown}"), e))?;
+    Ok(l)
+}
+
+fn socket_is_live(addr: &SocketAddrUnix) -> bool {
+    let Ok(probe) = net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    ) else {
+        return true;
+    };
+    // ECONNREFUSED: a socket file with no listener. Anything else (even
+    // EAGAIN from a full backlog) means someone is there.
+    !matches!(net::connect(&probe, addr), Err(Errno::CONNREFUSED))
+}
+
+/// Take over an fd we inherited: it must be a listening stream socket.
+fn adopt(fd: RawFd, name: String) -> Result<Listener> {
+    let what = format!("adopt fd:{fd}");
+    let dup = sys::dup_inherited(fd, FIRST_FD).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBADF) => Error::msg(&what, "no such open file descriptor"),
+        _ => Error::os(&what, e),
+    })?;
+    match sockopt::socket_type(&dup) {
+        Ok(SocketType::STREAM) => {}
+        Ok(_) => return Err(Error::msg(what, "not a stream socket")),
+        Err(e) => return Err(Error::os(what, e)),
+    }
+    if !sockopt::socket_acceptconn(&dup).unwrap_or(false) {
+        return Err(Error::msg(what, "the socket is not listening"));
+    }
+    let display = match net::getsockname(&dup) {
+        Ok(a) => match SocketAddr::try_from(a.clone()) {
+            Ok(s) => format!("fd:{fd} ({s})"),
+            Err(_) => match SocketAddrUnix::try_from(a) {
+                Ok(u) => match u.path_bytes() {
+                    Some(p) => format!("fd:{fd} (unix:{})", OsStr::from_bytes(p).to_string_lossy()),
+                    None => format!("fd:{fd} (unix)"),
+                },
+                Err(_) => format!("fd:{fd}"),
+            },
+        },
+        Err(_) => format!("fd:{fd}"),
+    };
+    // The original goes away when parking replaces it; the duplicate holds
+    // the socket meanwhile.
+    Ok(Listener {
+        fd: dup,
+        name,
+        display,
+        unix_path: None,
+    })
+}
+
+/// Move the sockets to 3, 4, … in order. First lift every one above the
+/// target range so that no move overwrites a socket still to be moved,
+/// then `dup3` each into place (closing whatever was inherited there).
+fn park(listeners: Vec<Listener>) -> Result<Vec<Listener>> {
+    let n = listeners.len() as RawFd;
+    let mut lifted = Vec::with_capacity(listeners.len());
+    for mut l in listeners {
+        let high = rustix::io::fcntl_dupfd_cloexec(&l.fd, FIRST_FD + n)
+            .map_err(|e| Error::os(format!("move the socket of {}", l.display), e))?;
+        l.fd = high;
+        lifted.push(l);
+    }
+    let mut parked = Vec::with_capacity(lifted.len());
+    for (i, mut l) in lifted.into_iter().enumerate() {
+        let target = FIRST_FD + i as RawFd;
+        let fd = sys::dup_to(l.fd.as_fd().as_raw_fd(), target).map_err(|e| {
+            Error::os(
+                format!("move the socket of {} to fd {target}", l.display),
+                e,
+            )
+        })?;
+        l.fd = fd;
+        parked.push(l);
+    }
+    Ok(parked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs() {
+        assert_eq!(Spec::parse("8080").unwrap().addr, Addr::Any(8080));
+        assert_eq!(Spec::parse(":8080").unwrap().addr, Addr::Any(8080));
+        assert_eq!(
+            Spec::parse("127.0.0.1:80").unwrap().addr,
+            Addr::Tcp("127.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(
+            Spec::parse("[::1]:80").unwrap().addr,
+            Addr::Tcp("[::1]:80".parse().unwrap())
+        );
+        let s = Spec::parse("web=unix:/run/a.sock").unwrap();
+        assert_eq!(s.name.as_deref(), Some("web"));
+        assert_eq!(s.addr, Addr::Unix("/run/a.sock".into()));
+        assert_eq!(Spec::parse("fd:3").unwrap().addr, Addr::Fd(3));
+        assert!(Spec::parse("fd:1").is_err());
+        assert!(Spec::parse("localhost:80").is_err());
+        assert!(Spec::parse("99999").is_err());
+        assert!(Spec::parse("a b=80").is_err());
+    }
+}

@@ -1,0 +1,43 @@
+//! Operator log lines on stderr: one event per line, `containerflip: `
+//! first, the generation and pid in every line about a generation. The
+//! line shapes are listed in DESIGN.md; tests match on them.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+static LEVEL: AtomicU8 = AtomicU8::new(1);
+
+/// 0 = quiet (warnings and errors), 1 = normal, 2 = verbose.
+pub fn set_level(level: u8) {
+    LEVEL.store(level, Ordering::Relaxed);
+}
+
+pub fn enabled(level: u8) -> bool {
+    LEVEL.load(Ordering::Relaxed) >= level
+}
+
+/// Write one line. stderr is unbuffered; a single `write` per line keeps
+/// lines whole when workers share the terminal.
+pub fn line(args: std::fmt::Arguments<'_>) {
+    let mut buf = Vec::with_capacity(128);
+    let _ = buf.write_fmt(format_args!("containerflip: {args}\n"));
+    let _ = std::io::stderr().write_all(&buf);
+}
+
+/// A lifecycle event (hidden by `-q`).
+#[macro_export]
+macro_rules! info {
+    ($($t:tt)*) => { if $crate::log::enabled(1) { $crate::log::line(format_args!($($t)*)) } };
+}
+
+/// Detail shown with `-v`.
+#[macro_export]
+macro_rules! debug {
+    ($($t:tt)*) => { if $crate::log::enabled(2) { $crate::log::line(format_args!($($t)*)) } };
+}
+
+/// Something went wrong but we carry on (always shown).
+#[macro_export]
+macro_rules! warn {
+    ($($t:tt)*) => { $crate::log::line(format_args!($($t)*)) };
+}

@@ -1,0 +1,355 @@
+//! Per-generation notify sockets (`NOTIFY_SOCKET`) and the sd_notify
+//! message format. Each generation gets its own socket, so which
+//! generation spoke is known from the socket it spoke on, never guessed
+//! from a sender pid. Two modes: `dgram` is sd_notify(3)'s; `stream` is
+//! for runtimes without unix datagrams (Node.js): connect, write lines,
+//! close.
+//!
+//! Limits (SPEC §4): 4096 bytes per datagram or per stream connection, 5 s
+//! of silence closes a stream connection, 16 open stream connections per
+//! generation (more wait in the listen backlog). Only root or our own uid
+//! is heard. Whatever a worker sends, memory stays bounded and nothing is
+//! fatal: bad input comes back as [`Event::Malformed`] for the caller to
+//! log once.
+
+use std::io::IoSliceMut;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::io::Errno;
+use rustix::net::{
+    self, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketAddrUnix,
+    SocketFlags, SocketType, sockopt,
+};
+
+use crate::cli::NotifyMode;
+
+/// Largest message, per datagram or per stream connection.
+pub const MAX_MESSAGE: usize = 4096;
+/// A stream connection silent this long is closed.
+pub const STREAM_IDLE: Duration = Duration::from_secs(5);
+/// Open stream connections per generation.
+pub const MAX_STREAMS: usize = 16;
+
+/// One thing a worker told us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Ready,
+    Status(String),
+    Stopping,
+    /// `EXTEND_TIMEOUT_USEC`, in microseconds.
+    ExtendTimeout(u64),
+    Errno(i32),
+    /// A key we do not act on (`MAINPID`, `FDSTORE`, `WATCHDOG`, …).
+    Ignored(String),
+}
+
+/// What reading a notify socket produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    Message(Message),
+    /// Dropped input, with why.
+    Malformed(String),
+    /// A sender with another uid.
+    Denied(u32),
+}
+
+/// Parse one datagram or one stream line batch. A chunk with NUL bytes or
+/// invalid UTF-8 is dropped whole; a line without `=` is dropped alone.
+pub fn parse(chunk: &[u8], out: &mut Vec<Event>) {
+    if chunk.contains(&0) {
+        out.push(Event::Malformed("message contains a NUL byte".into()));
+        return;
+    }
+    let Ok(text) = std::str::from_utf8(chunk) else {
+        out.push(Event::Malformed("message is not valid UTF-8".into()));
+        return;
+    };
+    for line in text.split('\n').filter(|l| !l.is_empty()) {
+        let Some((key, value)) = line.split_once('=') else {
+            out.push(Event::Malformed(format!("line without '=': {:.40}", line)));
+            continue;
+        };
+        let msg = match key {
+            "READY" if value == "1" => Message::Ready,
+            "STOPPING" if value == "1" => Message::Stopping,
+            "STATUS" => Message::Status(value.chars().take(200).collect()),
+            "EXTEND_TIMEOUT_USEC" => match value.parse() {
+                Ok(n) => Message::ExtendTimeout(n),
+                Err(_) => {
+                    out.push(Event::Malformed(format!(
+                        "bad EXTEND_TIMEOUT_USEC={value:.20}"
+                    )));
+                    continue;
+                }
+            },
+            "ERRNO" => match value.parse() {
+                Ok(n) => Message::Errno(n),
+                Err(_) => {
+                    out.push(Event::Malformed(format!("bad ERRNO={value:.20}")));
+                    continue;
+                }
+            },
+            _ => Message::Ignored(format!("{:.40}", line)),
+        };
+        out.push(Event::Message(msg));
+    }
+}
+
+/// An accepted stream connection.
+#[derive(Debug)]
+struct Stream {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+    /// Bytes received so far (the 4096 bound is per connection).
+    total: usize,
+    deadline: Instant,
+}
+
+/// A generation's notify socket.
+#[derive(Debug)]
+pub struct NotifySocket {
+    fd: OwnedFd,
+    path: PathBuf,
+    mode: NotifyMode,
+    streams: Vec<Stream>,
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn uid_allowed(uid: u32) -> bool {
+    uid == 0 || uid == rustix::process::getuid().as_raw()
+}
+
+impl NotifySocket {
+    /// Create and bind the socket at `path` (inside our 0700 directory).
+    pub fn bind(path: &Path, mode: NotifyMode) -> rustix::io::Result<NotifySocket> {
+        let _ = std::fs::remove_file(path);
+        let kind = match mode {
+            NotifyMode::Dgram => SocketType::DGRAM,
+            NotifyMode::Stream => SocketType::STREAM,
+        };
+        let fd = net::socket_with(
+            AddressFamily::UNIX,
+            kind,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )?;
+        net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+        let sock = NotifySocket {
+            fd,
+            path: path.to_path_buf(),
+            mode,
+            streams: Vec::new(),
+        };
+        match mode {
+            // Credentials ride along with every datagram.
+            NotifyMode::Dgram => sockopt::set_socket_passcred(&sock.fd, true)?,
+            NotifyMode::Stream => net::listen(&sock.fd, 128)?,
+        }
+        Ok(sock)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The fds to poll for input: the socket itself (unless the stream
+    /// limit is reached) and every open stream connection.
+    pub fn poll_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> + '_ {
+        let listen = (self.mode == NotifyMode::Dgram || self.streams.len() < MAX_STREAMS)
+            .then(|| self.fd.as_fd());
+        listen
+            .into_iter()
+            .chain(self.streams.iter().map(|s| s.fd.as_fd()))
+    }
+
+    /// Earliest stream idle deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.streams.iter().map(|s| s.deadline).min()
+    }
+
+    /// `fd` became readable (the socket or one of its connections).
+    pub fn on_readable(&mut self, fd: RawFd, now: Instant, out: &mut Vec<Event>) {
+        if fd == self.fd.as_raw_fd() {
+            match self.mode {
+                NotifyMode::Dgram => self.receive_datagrams(out),
+                NotifyMode::Stream => self.accept_streams(now, out),
+            }
+        } else if let Some(i) = self.streams.iter().position(|s| s.fd.as_raw_fd() == fd)
+            && !self.read_stream(i, out)
+        {
+            self.streams.swap_remove(i);
+        }
+    }
+
+    /// Close stream connections silent past their deadline.
+    pub fn expire(&mut self, now: Instant, out: &mut Vec<Event>) {
+        let before = self.streams.len();
+        self.streams.retain(|s| s.deadline > now);
+        if self.streams.len() < before {
+            out.push(Event::Malformed(format!(
+                "closed {} notify connection(s) silent for {}s",
+                before - self.streams.len(),
+                STREAM_IDLE.as_secs()
+            )));
+        }
+    }
+
+    fn receive_datagrams(&mut self, out: &mut Vec<Event>) {
+        let mut buf = [0u8; MAX_MESSAGE];
+        let mut space =
+            [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(16), ScmCredentials(1))];
+        loop {
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let got = net::recvmsg(
+                &self.fd,
+                &mut [IoSliceMut::new(&mut buf)],
+                &mut control,
+                RecvFlags::TRUNC | RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+            );
+            let msg = match got {
+                Ok(m) => m,
+                Err(Errno::INTR) => continue,
+                Err(_) => return, // EAGAIN: drained
+            };
+            let mut uid = None;
+            for c in control.drain() {
+                // Passed fds (FDSTORE=1 and the like) are dropped: closed.
+                if let RecvAncillaryMessage::ScmCredentials(cred) = c {
+                    uid = Some(cred.uid.as_raw());
+                }
+            }
+            match uid {
+                Some(u) if uid_allowed(u) => {}
+                Some(u) => {
+                    out.push(Event::Denied(u));
+                    continue;
+                }
+                None => {
+                    out.push(Event::Malformed("datagram without credentials".into()));
+                    continue;
+                }
+            }
+            if msg.bytes > MAX_MESSAGE {
+                out.push(Event::Malformed(format!(
+                    "datagram of {} bytes (limit {MAX_MESSAGE})",
+                    msg.bytes
+                )));
+                continue;
+            }
+            parse(&buf[..msg.bytes], out);
+        }
+    }
+
+    fn accept_streams(&mut self, now: Instant, out: &mut Vec<Event>) {
+        while self.streams.len() < MAX_STREAMS {
+            let fd = match net::accept_with(&self.fd, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
+            {
+                Ok(fd) => fd,
+                Err(Errno::INTR | Errno::CONNABORTED) => continue,
+                Err(_) => return,
+            };
+            match sockopt::socket_peercred(&fd) {
+                Ok(cred) if uid_allowed(cred.uid.as_raw()) => {}
+                Ok(cred) => {
+                    out.push(Event::Denied(cred.uid.as_raw()));
+                    continue;
+                }
+                Err(_) => continue,
+            }
+            self.streams.push(Stream {
+                fd,
+                buf: Vec::new(),
+                total: 0,
+                deadline: now + STREAM_IDLE,
+            });
+        }
+    }
+
+    /// Read what is there; false when the connection is done.
+    fn read_stream(&mut self, i: usize, out: &mut Vec<Event>) -> bool {
+        let s = &mut self.streams[i];
+        let mut chunk = [0u8; 1024];
+        loop {
+            match rustix::io::read(&s.fd, &mut chunk) {
+                Ok(0) => {
+                    let rest = std::mem::take(&mut s.buf);
+                    if !rest.is_empty() {
+                        parse(&rest, out);
+                    }
+                    return false;
+                }
+                Ok(n) => {
+                    s.total += n;
+                    if s.total > MAX_MESSAGE {
+                        out.push(Event::Malformed(format!(
+                            "notify connection sent more than {MAX_MESSAGE} bytes"
+                        )));
+                        return false;
+                    }
+                    s.buf.extend_from_slice(&chunk[..n]);
+                    // Act on complete lines now: a sender that writes
+                    // READY=1 and keeps the connection open is still heard.
+                    if let Some(end) = s.buf.iter().rposition(|&b| b == b'\n') {
+                        let lines: Vec<u8> = s.buf.drain(..=end).collect();
+                        parse(&lines, out);
+                    }
+                }
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(b: &[u8]) -> Vec<Event> {
+        let mut v = Vec::new();
+        parse(b, &mut v);
+        v
+    }
+
+    #[test]
+    fn keys() {
+        assert_eq!(
+            parsed(b"READY=1\nSTATUS=warming up\n"),
+            [
+                Event::Message(Message::Ready),
+                Event::Message(Message::Status("warming up".into()))
+            ]
+        );
+        assert_eq!(
+            parsed(b"EXTEND_TIMEOUT_USEC=5000000"),
+            [Event::Message(Message::ExtendTimeout(5_000_000))]
+        );
+        assert_eq!(
+            parsed(b"MAINPID=4"),
+            [Event::Message(Message::Ignored("MAINPID=4".into()))]
+        );
+        assert_eq!(
+            parsed(b"READY=0"),
+            [Event::Message(Message::Ignored("READY=0".into()))]
+        );
+    }
+
+    #[test]
+    fn garbage_is_dropped() {
+        assert!(matches!(parsed(b"READY=1\0")[..], [Event::Malformed(_)]));
+        assert!(matches!(parsed(b"\xffREADY=1")[..], [Event::Malformed(_)]));
+        assert!(matches!(
+            parsed(b"garbage\nREADY=1")[..],
+            [Event::Malformed(_), Event::Message(Message::Ready)]
+        ));
+    }
+}

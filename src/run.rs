@@ -1,0 +1,97 @@
+//! `containerflip run` start-up: everything that may still fail fatally
+//! (exit 1 with `fatal: unable to …`) happens here, in order, before the
+//! event loop takes over. Past this point nothing is fatal.
+
+use crate::cli::RunConfig;
+use crate::control::{self, Control};
+use crate::error::Error;
+use crate::listen::{self, Inherited};
+use crate::rundir::RunDir;
+use crate::signals::Signals;
+use crate::supervisor::{Parts, Supervisor};
+use crate::upstream::Upstream;
+use crate::{debug, info, log, sys, warn};
+
+/// Run the supervisor; returns the process exit status.
+pub fn run(mut cfg: RunConfig) -> i32 {
+    log::set_level(cfg.verbosity);
+    match start(&mut cfg) {
+        Ok(parts) => {
+            let pidfile = cfg.pidfile.clone();
+            let code = Supervisor::new(Parts { cfg, ..parts }).run();
+            if let Some(p) = pidfile {
+                let _ = std::fs::remove_file(p);
+            }
+            code
+        }
+        Err(e) => {
+            warn!("fatal: {e}");
+            1
+        }
+    }
+}
+
+fn start(cfg: &mut RunConfig) -> Result<Parts, Error> {
+    // Descriptors our parent leaked to us must not reach workers.
+    sys::cloexec_from(listen::FIRST_FD);
+    // pidfd_open arrived in Linux 5.3: say so instead of failing later.
+    rustix::process::pidfd_open(
+        rustix::process::getpid(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .map_err(|e| Error::os("use pidfd_open (containerflip needs Linux 5.3 or later)", e))?;
+
+    let inherited = Inherited::from_env();
+    let specs = if cfg.listen.is_empty() {
+        inherited.specs()
+    } else {
+        std::mem::take(&mut cfg.listen)
+    };
+    if specs.is_empty() {
+        return Err(Error::msg(
+            "start",
+            "no --listen given and no sockets passed by socket activation (LISTEN_FDS)",
+        ));
+    }
+    let listeners = listen::open_all(&specs, cfg.backlog, &inherited)?;
+    for (i, l) in listeners.iter().enumerate() {
+        info!(
+            "listening on {} as fd {} ({})",
+            l.display,
+            listen::FIRST_FD + i as i32,
+            l.name
+        );
+    }
+
+    let signals = Signals::open().map_err(|e| Error::os("open a signalfd", e))?;
+    if rustix::process::getpid().is_init() {
+        debug!("running as PID 1: reaping every orphan");
+    } else if let Err(e) = sys::set_child_subreaper() {
+        warn!("unable to become a child subreaper ({e}); daemonized grandchildren will escape");
+    }
+    let rundir = RunDir::create()?;
+    let upstream = Upstream::from_env();
+    let control_path = cfg.control.clone().unwrap_or_else(control::default_path);
+    let control = Control::bind(&control_path)?;
+    debug!("control socket {}", control.path().display());
+    if let Some(p) = &cfg.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| Error::os(format!("write pidfile {}", p.display()), e))?;
+    }
+    Ok(Parts {
+        cfg: RunConfig {
+            listen: Vec::new(),
+            command: Vec::new(),
+            control: None,
+            pidfile: None,
+            chdir: None,
+            env_file: None,
+            ..*cfg
+        },
+        listeners,
+        signals,
+        rundir,
+        upstream,
+        control: Some(control),
+    })
+}

@@ -1,0 +1,76 @@
+//! The supervisor's private runtime directory (mode 0700), home of the
+//! per-generation notify sockets. Created at start, removed at exit.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// `containerflip.<pid>` under `$RUNTIME_DIRECTORY`, `$XDG_RUNTIME_DIR`,
+    /// `/run` (root) or `/tmp`. `mkdir` with 0700 is atomic and fails on an
+    /// existing name, so the directory is ours alone; a stale one (a PID 1
+    /// of an earlier container with a persistent /run) gets a suffix.
+    pub fn create() -> Result<RunDir> {
+        let base = base_dir();
+        let pid = std::process::id();
+        let mut last = None;
+        for attempt in 0..100 {
+            let name = match attempt {
+                0 => format!("containerflip.{pid}"),
+                n => format!("containerflip.{pid}.{n}"),
+            };
+            let path = base.join(name);
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(RunDir { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => {
+                    return Err(Error::os(
+                        format!("create runtime directory {}", path.display()),
+                        e,
+                    ));
+                }
+            }
+        }
+        Err(Error::os(
+            format!("create a runtime directory in {}", base.display()),
+            last.unwrap_or_else(|| std::io::Error::other("too many stale directories")),
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn base_dir() -> PathBuf {
+    let from_env = |k: &str| {
+        std::env::var_os(k)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute() && p.is_dir())
+    };
+    // RUNTIME_DIRECTORY may list several directories separated by ':'.
+    if let Some(p) = std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|v| std::env::split_paths(&v).next())
+        .filter(|p| p.is_absolute() && p.is_dir())
+    {
+        return p;
+    }
+    if let Some(p) = from_env("XDG_RUNTIME_DIR") {
+        return p;
+    }
+    if rustix::process::getuid().is_root() && Path::new("/run").is_dir() {
+        return PathBuf::from("/run");
+    }
+    std::env::temp_dir()
+}

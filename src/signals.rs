@@ -1,0 +1,113 @@
+//! Signals reach the supervisor through a `signalfd`: every signal but the
+//! synchronous faults is blocked before anything else happens (see
+//! `main`), so none is lost before the event loop runs and none interrupts
+//! a system call. Reading drains the fd until EAGAIN; the kernel coalesces
+//! repeats of a standard signal, which is what collapses a burst of SIGHUPs.
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use crate::sys;
+
+/// Signal names we print and accept, by number.
+const NAMES: [(i32, &str); 31] = [
+    (libc::SIGHUP, "HUP"),
+    (libc::SIGINT, "INT"),
+    (libc::SIGQUIT, "QUIT"),
+    (libc::SIGILL, "ILL"),
+    (libc::SIGTRAP, "TRAP"),
+    (libc::SIGABRT, "ABRT"),
+    (libc::SIGBUS, "BUS"),
+    (libc::SIGFPE, "FPE"),
+    (libc::SIGKILL, "KILL"),
+    (libc::SIGUSR1, "USR1"),
+    (libc::SIGSEGV, "SEGV"),
+    (libc::SIGUSR2, "USR2"),
+    (libc::SIGPIPE, "PIPE"),
+    (libc::SIGALRM, "ALRM"),
+    (libc::SIGTERM, "TERM"),
+    (libc::SIGSTKFLT, "STKFLT"),
+    (libc::SIGCHLD, "CHLD"),
+    (libc::SIGCONT, "CONT"),
+    (libc::SIGSTOP, "STOP"),
+    (libc::SIGTSTP, "TSTP"),
+    (libc::SIGTTIN, "TTIN"),
+    (libc::SIGTTOU, "TTOU"),
+    (libc::SIGURG, "URG"),
+    (libc::SIGXCPU, "XCPU"),
+    (libc::SIGXFSZ, "XFSZ"),
+    (libc::SIGVTALRM, "VTALRM"),
+    (libc::SIGPROF, "PROF"),
+    (libc::SIGWINCH, "WINCH"),
+    (libc::SIGIO, "IO"),
+    (libc::SIGPWR, "PWR"),
+    (libc::SIGSYS, "SYS"),
+];
+
+/// `SIGTERM` for 15, `SIG37` for a number without a name.
+pub fn name(sig: i32) -> String {
+    match NAMES.iter().find(|(n, _)| *n == sig) {
+        Some((_, s)) => format!("SIG{s}"),
+        None => format!("SIG{sig}"),
+    }
+}
+
+/// Parse `TERM`, `SIGTERM`, `term` or `15`.
+pub fn parse(s: &str) -> Option<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let upper = s.to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    NAMES.iter().find(|(_, s)| *s == bare).map(|(n, _)| *n)
+}
+
+/// The blocked signal set and the signalfd that reads it.
+pub struct Signals {
+    pub fd: OwnedFd,
+}
+
+impl Signals {
+    /// Open the signalfd for every blocked signal.
+    pub fn open() -> io::Result<Signals> {
+        Ok(Signals {
+            fd: sys::signalfd(&sys::SigSet::all_but_faults())?,
+        })
+    }
+
+    /// Every pending signal, in arrival order, until EAGAIN.
+    pub fn read(&self) -> Vec<i32> {
+        // struct signalfd_siginfo is 128 bytes; ssi_signo is its first u32.
+        const SIZE: usize = 128;
+        let mut out = Vec::new();
+        let mut buf = [0u8; SIZE * 16];
+        loop {
+            match rustix::io::read(&self.fd, &mut buf) {
+                Ok(n) if n >= SIZE => {
+                    for info in buf[..n].chunks_exact(SIZE) {
+                        let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+                        out.push(signo as i32);
+                    }
+                }
+                Ok(_) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => break, // EAGAIN: drained
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(super::parse("TERM"), Some(15));
+        assert_eq!(super::parse("sigquit"), Some(3));
+        assert_eq!(super::parse("9"), Some(9));
+        assert_eq!(super::parse("0"), None);
+        assert_eq!(super::parse("BOGUS"), None);
+        assert_eq!(super::name(15), "SIGTERM");
+        assert_eq!(super::name(40), "SIG40");
+    }
+}

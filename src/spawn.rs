@@ -1,0 +1,264 @@
+//! Starting a worker: build argv and envp before `fork` (with a
+//! fixed-width `LISTEN_PID=` slot the child fills in), fork, let
+//! `sys::exec_child` set the child up, open a pidfd, and learn whether
+//! `execve` worked from a close-on-exec pipe (as Rust's std does).
+//!
+//! `std::process::Command` is not used: it builds the environment in a
+//! way that cannot carry the child's own pid, and it hides the
+//! process-group, death-signal and fd set-up we need.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use rustix::pipe::{PipeFlags, pipe_with};
+use rustix::process::{Pid, PidfdFlags, pidfd_open};
+
+use crate::sys;
+
+/// Width reserved for the pid digits (u32 max has 10; 20 is generous).
+const PID_DIGITS: usize = 20;
+
+/// Environment keys addressed to the supervisor that a worker must not
+/// see as its own (a worker gets fresh `LISTEN_*` and `NOTIFY_SOCKET`).
+const NOT_INHERITED: [&str; 7] = [
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+    "CONTAINERFLIP_GENERATION",
+];
+
+/// The supervisor's environment as workers inherit it.
+pub fn base_environment() -> Vec<(OsString, OsString)> {
+    std::env::vars_os()
+        .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| OsStr::new(n) == k))
+        .collect()
+}
+
+/// What one spawn needs.
+pub struct Request<'a> {
+    pub command: &'a [OsString],
+    pub base_env: &'a [(OsString, OsString)],
+    pub env_file: Option<&'a Path>,
+    pub chdir: Option<&'a Path>,
+    pub listen_fds: usize,
+    pub fd_names: &'a str,
+    pub notify_path: &'a Path,
+    pub generation: u64,
+    /// `DRAIN_GRACE_MS`, unless the supervisor's own environment sets it.
+    pub drain_grace_ms: Option<u64>,
+    pub death_signal: i32,
+}
+
+pub struct Child {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    /// `execve` failed in the child (which then exits 126 or 127).
+    pub exec_error: Option<std::io::Error>,
+}
+
+/// Start a worker. An `Err` is a spawn that never produced a process
+/// (bad env file, fork failure), worded for "deploy failed: …".
+pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
+    let mut env: Vec<(OsString, OsString)> = req.base_env.to_vec();
+    if let Some(path) = req.env_file {
+        for (k, v) in read_env_file(path)? {
+            set(&mut env, k, v);
+        }
+    }
+    set(
+        &mut env,
+        "LISTEN_FDS".into(),
+        req.listen_fds.to_string().into(),
+    );
+    set(&mut env, "LISTEN_FDNAMES".into(), req.fd_names.into());
+    set(
+        &mut env,
+        "NOTIFY_SOCKET".into(),
+        req.notify_path.as_os_str().into(),
+    );
+    set(
+        &mut env,
+        "CONTAINERFLIP_GENERATION".into(),
+        req.generation.to_string().into(),
+    );
+    if let Some(ms) = req.drain_grace_ms {
+        set(&mut env, "DRAIN_GRACE_MS".into(), ms.to_string().into());
+    }
+
+    let program = &req.command[0];
+    let path = resolve(program, &env, req.chdir);
+    let path = cstring(path.as_os_str().as_bytes().to_vec())?;
+    let argv: Vec<CString> = req
+        .command
+        .iter()
+        .map(|a| cstring(a.as_bytes().to_vec()))
+        .collect::<Result<_, _>>()?;
+    let mut envs: Vec<CString> = env
+        .into_iter()
+        .map(|(k, v)| {
+            let mut kv = k.into_vec();
+            kv.push(b'=');
+            kv.extend(v.into_vec());
+            cstring(kv)
+        })
+        .collect::<Result<_, _>>()?;
+    // LISTEN_PID=<digits>: the child writes its own pid into this buffer.
+    let mut slot = b"LISTEN_PID=".to_vec();
+    let offset = slot.len();
+    slot.resize(offset + PID_DIGITS + 1, 0);
+    let chdir = req
+        .chdir
+        .map(|d| cstring(d.as_os_str().as_bytes().to_vec()))
+        .transpose()?;
+
+    let argv_ptrs: Vec<*const libc::c_char> = argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let mut envp: Vec<*const libc::c_char> = envs.iter_mut().map(|e| e.as_ptr()).collect();
+    envp.push(slot.as_ptr().cast());
+    envp.push(std::ptr::null());
+
+    let (err_read, err_write) =
+        pipe_with(PipeFlags::CLOEXEC).map_err(|e| format!("unable to create a pipe: {e}"))?;
+    let plan = sys::ChildPlan {
+        path: &path,
+        argv: &argv_ptrs,
+        envp: &envp,
+        listen_pid_slot: slot.as_mut_ptr(),
+        listen_pid_offset: offset,
+        chdir: chdir.as_deref(),
+        listen_fds: req.listen_fds as i32,
+        death_signal: req.death_signal,
+        parent_pid: rustix::process::getpid().as_raw_nonzero().get(),
+        error_pipe: err_write.as_raw_fd(),
+    };
+    let pid = sys::fork_exec(&plan).map_err(|e| format!("unable to fork: {e}"))?;
+    drop(err_write);
+    // Open the pidfd before anything can reap the child: only our own
+    // waitpid loop reaps, and it has not run since the fork.
+    let pidfd = match pidfd_open(
+        Pid::from_raw(pid).expect("fork returned a positive pid"),
+        PidfdFlags::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = sys::kill(pid, libc::SIGKILL);
+            return Err(format!("unable to open a pidfd for pid {pid}: {e}"));
+        }
+    };
+    // Blocks until the child execs (EOF) or reports errno (4 bytes).
+    let mut errno = [0u8; 4];
+    let exec_error = match rustix::io::read(&err_read, &mut errno) {
+        Ok(4) => Some(std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno))),
+        _ => None,
+    };
+    Ok(Child {
+        pid,
+        pidfd,
+        exec_error,
+    })
+}
+
+fn cstring(bytes: Vec<u8>) -> Result<CString, String> {
+    CString::new(bytes)
+        .map_err(|_| "an argument or environment entry contains a NUL byte".to_string())
+}
+
+fn set(env: &mut Vec<(OsString, OsString)>, key: OsString, value: OsString) {
+    match env.iter_mut().find(|(k, _)| *k == key) {
+        Some(kv) => kv.1 = value,
+        None => env.push((key, value)),
+    }
+}
+
+/// `PATH` lookup done before fork (execvp is not async-signal-safe).
+/// A name with a `/` is used as given, relative to the worker's cwd.
+fn resolve(program: &OsStr, env: &[(OsString, OsString)], chdir: Option<&Path>) -> PathBuf {
+    if program.as_bytes().contains(&b'/') {
+        return PathBuf::from(program);
+    }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    for dir in std::env::split_paths(&path) {
+        let dir = match (dir.is_relative(), chdir) {
+            (true, Some(c)) => c.join(dir),
+            _ => dir,
+        };
+        let candidate = dir.join(program);
+        let executable = rustix::fs::access(&candidate, rustix::fs::Access::EXEC_OK).is_ok();
+        if executable && candidate.is_file() {
+            return candidate;
+        }
+    }
+    // Not found: execve reports ENOENT and the child exits 127.
+    PathBuf::from(program)
+}
+
+/// `KEY=VALUE` lines; blank lines and `#` comments skipped; a value in
+/// matching single or double quotes loses them.
+pub fn read_env_file(path: &Path) -> Result<Vec<(OsString, OsString)>, String> {
+    let shown = path.display();
+    let text = std::fs::read(path).map_err(|e| {
+        format!(
+            "unable to read env file {shown}: {}",
+            crate::error::os_message(&e)
+        )
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+        let line = line.trim_ascii();
+        if line.is_empty() || line.starts_with(b"#") {
+            continue;
+        }
+        let bad = |why: &str| format!("env file {shown} line {}: {why}", i + 1);
+        let Some(eq) = line.iter().position(|&b| b == b'=') else {
+            return Err(bad("expected KEY=VALUE"));
+        };
+        let (key, value) = (line[..eq].trim_ascii(), line[eq + 1..].trim_ascii());
+        let key_ok = !key.is_empty()
+            && !key[0].is_ascii_digit()
+            && key.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'_');
+        if !key_ok {
+            return Err(bad("the key must be letters, digits and '_'"));
+        }
+        if value.contains(&0) {
+            return Err(bad("NUL byte in the value"));
+        }
+        let value = match value {
+            [q, inner @ .., r] if q == r && (*q == b'"' || *q == b'\'') => inner,
+            v => v,
+        };
+        out.push((
+            OsString::from_vec(key.to_vec()),
+            OsString::from_vec(value.to_vec()),
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn env_file() {
+        let dir = std::env::temp_dir().join(format!("cf-envfile-{}", std::process::id()));
+        std::fs::write(&dir, "# comment\n\nA=1\nB = \"two words\" \nC=x=y\n").unwrap();
+        let v = super::read_env_file(&dir).unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[1].1, "two words");
+        assert_eq!(v[2].1, "x=y");
+        std::fs::write(&dir, "A=1\nnot a pair\n").unwrap();
+        let e = super::read_env_file(&dir).unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+        std::fs::remove_file(&dir).unwrap();
+    }
+}

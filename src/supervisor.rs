@@ -1,0 +1,1026 @@
+//! The event loop and the deploy state machine of SPEC §5.
+//!
+//! One thread, one `poll(2)` over: the signalfd, each generation's pidfd
+//! and notify socket (with its stream connections), and the control
+//! socket with its clients. Every timer is a deadline folded into poll's
+//! timeout, so an idle supervisor sleeps in poll with no timeout at all.
+//!
+//! Events and their handlers:
+//!
+//! | event                         | handler          |
+//! |-------------------------------|------------------|
+//! | SIGHUP, `deploy`, STOPPING=1  | `request_deploy` |
+//! | READY=1 from a starting gen   | `promote`        |
+//! | worker reaped                 | `on_exit`        |
+//! | ready deadline                | `fail_deploy`    |
+//! | drain/kill deadline           | `kill_overdue`   |
+//! | restart backoff deadline      | `start_deploy`   |
+//! | SIGTERM/SIGINT, `stop`        | `begin_stop`     |
+//!
+//! Past start-up nothing here is fatal: a misbehaving worker or client
+//! is logged and its generation or connection changes state.
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::io::Errno;
+use rustix::process::{WaitOptions, wait};
+
+use crate::cli::{OnCrash, RunConfig, format_duration};
+use crate::control::{self, ClientId, Control, Request};
+use crate::generation::{Exit, Generation, State};
+use crate::listen::Listener;
+use crate::notify::{Event, Message, NotifySocket};
+use crate::rundir::RunDir;
+use crate::signals::{self, Signals};
+use crate::spawn;
+use crate::upstream::Upstream;
+use crate::{debug, info, warn};
+
+/// First crash-restart delay; doubles up to `BACKOFF_MAX`.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Readiness this long resets the backoff.
+const BACKOFF_RESET: Duration = Duration::from_secs(10);
+/// How long a failed new generation gets between stop signal and SIGKILL.
+const FAILED_GRACE: Duration = Duration::from_secs(5);
+
+/// Signals passed on to the active worker (SPEC §7).
+const FORWARDED: [i32; 6] = [
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGQUIT,
+    libc::SIGWINCH,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+];
+
+/// Why a deploy started, for the log.
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    Boot,
+    Sighup,
+    Control,
+    CrashRestart,
+    Replace,
+}
+
+impl Origin {
+    fn name(self) -> &'static str {
+        match self {
+            Origin::Boot => "start",
+            Origin::Sighup => "SIGHUP",
+            Origin::Control => "control socket",
+            Origin::CrashRestart => "crash restart",
+            Origin::Replace => "STOPPING=1 from the active generation",
+        }
+    }
+}
+
+/// The deploy under way.
+struct Deploy {
+    n: u64,
+    origin: Origin,
+    waiters: Vec<ClientId>,
+}
+
+/// Deploy requests that arrived while one ran, collapsed into one.
+struct Queued {
+    command: Option<Rc<[OsString]>>,
+    origin: Origin,
+    waiters: Vec<ClientId>,
+}
+
+struct Stopping {
+    /// The active generation when the stop began, and how it ended.
+    active: Option<u64>,
+    active_exit: Option<Exit>,
+    /// Every generation exited 0 before its deadline.
+    clean: bool,
+    /// A second TERM/INT: everything got SIGKILL.
+    forced: bool,
+    /// Non-generation children (setsid daemons) get SIGKILL at this time.
+    orphan_deadline: Option<Instant>,
+    /// `stop` clients to tell the exit status.
+    waiters: Vec<ClientId>,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub deploys_ok: u64,
+    pub deploys_failed: u64,
+    pub crash_restarts: u64,
+}
+
+/// Where a poll entry came from.
+#[derive(Clone, Copy)]
+enum Source {
+    Signals,
+    Pidfd,
+    Notify(u64, RawFd),
+    Control(RawFd),
+}
+
+pub struct Supervisor {
+    cfg: RunConfig,
+    pub listeners: Vec<Listener>,
+    fd_names: String,
+    signals: Signals,
+    rundir: RunDir,
+    upstream: Option<Upstream>,
+    control: Option<Control>,
+    base_env: Vec<(OsString, OsString)>,
+    drain_grace_ms: Option<u64>,
+    pub started: Instant,
+
+    pub gens: Vec<Generation>,
+    next_gen: u64,
+    pub active: Option<u64>,
+    deploy: Option<Deploy>,
+    queued: Option<Queued>,
+    restart_at: Option<Instant>,
+    backoff: Duration,
+    pub current_cmd: Rc<[OsString]>,
+    pub previous_cmd: Option<Rc<[OsString]>>,
+    booted: bool,
+    stop: Option<Stopping>,
+    /// Exit status decided by an event (boot failure, `--on-crash exit`).
+    exit_code: Option<i32>,
+    pub counters: Counters,
+    pub last_failure: Option<String>,
+}
+
+/// Everything start-up prepared, handed to the loop.
+pub struct Parts {
+    pub cfg: RunConfig,
+    pub listeners: Vec<Listener>,
+    pub signals: Signals,
+    pub rundir: RunDir,
+    pub upstream: Option<Upstream>,
+    pub control: Option<Control>,
+}
+
+impl Supervisor {
+    pub fn new(p: Parts) -> Supervisor {
+        let fd_names = p
+            .listeners
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect::<Vec<_>>()
+            .join(":");
+        let drain_ms = p.cfg.drain_timeout.as_millis() as u64;
+        let drain_grace_ms = std::env::var_os("DRAIN_GRACE_MS")
+            .is_none()
+            .then(|| drain_ms.saturating_sub(2000).max(drain_ms / 2));
+        let current_cmd: Rc<[OsString]> = p.cfg.command.clone().into();
+        Supervisor {
+            cfg: p.cfg,
+            listeners: p.listeners,
+            fd_names,
+            signals: p.signals,
+            rundir: p.rundir,
+            upstream: p.upstream,
+            control: p.control,
+            base_env: spawn::base_environment(),
+            drain_grace_ms,
+            started: Instant::now(),
+            gens: Vec::new(),
+            next_gen: 1,
+            active: None,
+            deploy: None,
+            queued: None,
+            restart_at: None,
+            backoff: BACKOFF_MIN,
+            current_cmd,
+            previous_cmd: None,
+            booted: false,
+            stop: None,
+            exit_code: None,
+            counters: Counters::default(),
+            last_failure: None,
+        }
+    }
+
+    /// Start the first generation and run until stopped; the exit status.
+    pub fn run(mut self) -> i32 {
+        self.start_deploy(None, Origin::Boot, Vec::new(), Instant::now());
+        loop {
+            if let Some(code) = self.finished() {
+                info!("exiting with status {code}");
+                if let Some(c) = self.control.as_mut() {
+                    let waiters = self.stop.as_mut().map(|s| std::mem::take(&mut s.waiters));
+                    for id in waiters.unwrap_or_default() {
+                        c.finish(id, true, &format!("exited with status {code}"));
+                    }
+                    c.flush_all();
+                }
+                return code;
+            }
+            self.turn();
+        }
+    }
+
+    /// One poll and everything it reported.
+    fn turn(&mut self) {
+        let now = Instant::now();
+        let timeout = self
+            .next_deadline()
+            .map(|d| d.saturating_duration_since(now));
+        let fired = self.wait(timeout);
+        let now = Instant::now();
+        let mut reap = false;
+        for (source, flags) in fired {
+            match source {
+                Source::Notify(n, fd) => self.on_notify(n, fd, now),
+                Source::Pidfd => reap = true,
+                Source::Signals => reap |= self.on_signals(now),
+                Source::Control(fd) => self.on_control(fd, flags, now),
+            }
+        }
+        if reap {
+            self.reap(now);
+        }
+        self.expire(Instant::now());
+    }
+
+    fn wait(&self, timeout: Option<Duration>) -> Vec<(Source, PollFlags)> {
+        let mut fds = Vec::with_capacity(8);
+        let mut sources = Vec::with_capacity(8);
+        fds.push(PollFd::new(&self.signals.fd, PollFlags::IN));
+        sources.push(Source::Signals);
+        for g in &self.gens {
+            if let Some(p) = &g.pidfd {
+                fds.push(PollFd::new(p, PollFlags::IN));
+                sources.push(Source::Pidfd);
+            }
+            if let Some(ns) = &g.notify {
+                for fd in ns.poll_fds() {
+                    sources.push(Source::Notify(g.n, fd.as_raw_fd()));
+                    fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
+                }
+            }
+        }
+        if let Some(c) = &self.control {
+            for (fd, flags) in c.poll_fds() {
+                sources.push(Source::Control(fd.as_raw_fd()));
+                fds.push(PollFd::from_borrowed_fd(fd, flags));
+            }
+        }
+        let ts = timeout.map(|d| Timespec {
+            tv_sec: d.as_secs() as _,
+            tv_nsec: d.subsec_nanos() as _,
+        });
+        match poll(&mut fds, ts.as_ref()) {
+            Ok(_) => {}
+            Err(Errno::INTR) => return Vec::new(),
+            Err(e) => {
+                warn!("poll failed: {e}");
+                return Vec::new();
+            }
+        }
+        fds.iter()
+            .zip(sources)
+            .filter(|(fd, _)| !fd.revents().is_empty())
+            .map(|(fd, s)| (s, fd.revents()))
+            .collect()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let gens = self.gens.iter().flat_map(|g| {
+            let stream = g.notify.as_ref().and_then(|n| n.deadline());
+            g.deadline.into_iter().chain(stream)
+        });
+        let orphans = self.stop.as_ref().and_then(|s| s.orphan_deadline);
+        let control = self.control.as_ref().and_then(|c| c.deadline());
+        gens.chain(self.restart_at)
+            .chain(orphans)
+            .chain(control)
+            .min()
+    }
+
+    fn finished(&self) -> Option<i32> {
+        let stop = self.stop.as_ref()?;
+        if !self.gens.is_empty() || stop.orphan_deadline.is_some() {
+            return None;
+        }
+        Some(self.exit_code.unwrap_or(match stop.active_exit {
+            Some(e) if e != Exit::Code(0) => e.code(),
+            _ if !stop.clean => 1,
+            _ => 0,
+        }))
+    }
+
+    fn gen_mut(&mut self, n: u64) -> Option<&mut Generation> {
+        self.gens.iter_mut().find(|g| g.n == n)
+    }
+
+    fn tag(&self, n: u64) -> String {
+        self.gens
+            .iter()
+            .find(|g| g.n == n)
+            .map_or_else(|| format!("gen {n}"), Generation::tag)
+    }
+
+    // ---- signals -------------------------------------------------------
+
+    /// Returns whether to reap.
+    fn on_signals(&mut self, now: Instant) -> bool {
+        let mut reap = false;
+        for sig in self.signals.read() {
+            match sig {
+                libc::SIGCHLD => reap = true,
+                libc::SIGHUP => self.request_deploy(None, Origin::Sighup, None, now),
+                libc::SIGTERM | libc::SIGINT => self.begin_stop(&signals::name(sig), now),
+                s if FORWARDED.contains(&s) => match self
+                    .active
+                    .and_then(|n| self.gens.iter().find(|g| g.n == n))
+                {
+                    Some(g) => {
+                        debug!("{} forwarding {}", g.tag(), signals::name(s));
+                        g.signal_worker(s);
+                    }
+                    None => info!("{} not forwarded: no active generation", signals::name(s)),
+                },
+                s => debug!("ignoring {}", signals::name(s)),
+            }
+        }
+        reap
+    }
+
+    // ---- deploys -------------------------------------------------------
+
+    fn request_deploy(
+        &mut self,
+        command: Option<Rc<[OsString]>>,
+        origin: Origin,
+        waiter: Option<ClientId>,
+        now: Instant,
+    ) {
+        if self.stop.is_some() {
+            if let Some(id) = waiter {
+                self.conclude(vec![id], false, "the supervisor is stopping");
+            }
+            return;
+        }
+        if self.deploy.is_some() {
+            info!(
+                "deploy requested ({}); queued behind gen {}",
+                origin.name(),
+                self.deploy.as_ref().map_or(0, |d| d.n)
+            );
+            let q = self.queued.get_or_insert(Queued {
+                command: None,
+                origin,
+                waiters: Vec::new(),
+            });
+            // The newest request's command wins (SPEC §5.4).
+            q.command = command;
+            q.origin = origin;
+            q.waiters.extend(waiter);
+            if let Some(id) = waiter {
+                self.tell(id, "deploy queued behind the one under way");
+            }
+            return;
+        }
+        info!("deploy requested ({})", origin.name());
+        self.start_deploy(command, origin, waiter.into_iter().collect(), now);
+    }
+
+    fn start_deploy(
+        &mut self,
+        command: Option<Rc<[OsString]>>,
+        origin: Origin,
+        waiters: Vec<ClientId>,
+        now: Instant,
+    ) {
+        self.restart_at = None;
+        let command = command.unwrap_or_else(|| self.current_cmd.clone());
+        let n = self.next_gen;
+        self.next_gen += 1;
+        let notify_path = self.rundir.path().join(format!("notify.{n}"));
+        let notify = match NotifySocket::bind(&notify_path, self.cfg.notify_mode) {
+            Ok(s) => s,
+            Err(e) => {
+                let reason = format!(
+                    "unable to create notify socket {}: {e}",
+                    notify_path.display()
+                );
+                return self.spawn_failed(n, reason, waiters, now);
+            }
+        };
+        let req = spawn::Request {
+            command: &command,
+            base_env: &self.base_env,
+            env_file: self.cfg.env_file.as_deref(),
+            chdir: self.cfg.chdir.as_deref(),
+            listen_fds: self.listeners.len(),
+            fd_names: &self.fd_names,
+            notify_path: notify.path(),
+            generation: n,
+            drain_grace_ms: self.drain_grace_ms,
+            death_signal: self.cfg.stop_signal,
+        };
+        let child = match spawn::spawn(&req) {
+            Ok(c) => c,
+            Err(reason) => return self.spawn_failed(n, reason, waiters, now),
+        };
+        let g = Generation {
+            n,
+            pid: child.pid,
+            pidfd: Some(child.pidfd),
+            notify: Some(notify),
+            command: command.clone(),
+            state: State::Starting,
+            started: now,
+            ready_at: None,
+            deadline: self.cfg.ready_timeout.map(|t| now + t),
+            status_text: None,
+            exit: None,
+            leaving: false,
+            noisy: false,
+        };
+        info!("{} spawned", g.tag());
+        debug!("{} command: {}", g.tag(), control::shell_words(&command));
+        if let Some(e) = child.exec_error {
+            warn!(
+                "{} unable to execute {}: {}",
+                g.tag(),
+                command[0].to_string_lossy(),
+                crate::error::os_message(&e)
+            );
+        }
+        let line = format!("spawned gen {n} pid {}", g.pid);
+        self.gens.push(g);
+        for &id in &waiters {
+            self.tell(id, &line);
+        }
+        self.deploy = Some(Deploy { n, origin, waiters });
+        if self.booted
+            && let Some(u) = &self.upstream
+        {
+            u.reloading();
+        }
+    }
+
+    /// A deploy that never got a process (env file, fork, socket).
+    fn spawn_failed(&mut self, n: u64, reason: String, waiters: Vec<ClientId>, now: Instant) {
+        warn!("gen {n} deploy failed: {reason}");
+        self.deploy = Some(Deploy {
+            n,
+            origin: Origin::Control,
+            waiters,
+        });
+        self.deploy_failed(n, reason, Exit::Code(1), now);
+    }
+
+    /// READY=1 from generation `n`.
+    fn promote(&mut self, n: u64, now: Instant) {
+        let stopping = self.stop.is_some();
+        let Some(g) = self.gen_mut(n) else { return };
+        if g.state != State::Starting || stopping {
+            debug!("{} READY=1 while {} (ignored)", g.tag(), g.state.name());
+            return;
+        }
+        g.state = State::Ready;
+        g.ready_at = Some(now);
+        g.deadline = None;
+        let took = now.saturating_duration_since(g.started);
+        let command = g.command.clone();
+        let tag = g.tag();
+        info!("{tag} ready in {}ms", took.as_millis());
+        if let Some(d) = &self.deploy {
+            let line = format!("gen {n} ready in {} ms", took.as_millis());
+            for &id in &d.waiters.clone() {
+                self.tell(id, &line);
+            }
+        }
+        if let Some(old) = self.active.replace(n) {
+            self.retire(old, now);
+        }
+        if command != self.current_cmd {
+            self.previous_cmd = Some(std::mem::replace(&mut self.current_cmd, command));
+        }
+        if let Some(u) = &self.upstream {
+            u.send(&format!("READY=1\nSTATUS=serving: {tag}"));
+        }
+        if !self.booted {
+            self.booted = true;
+        } else if self.deploy.as_ref().is_some_and(|d| d.n == n) {
+            self.counters.deploys_ok += 1;
+        }
+        if self.deploy.as_ref().is_some_and(|d| d.n == n) {
+            let d = self.deploy.take().expect("checked above");
+            if !matches!(d.origin, Origin::Boot | Origin::CrashRestart) {
+                debug!("deploy of {tag} done");
+            }
+            self.conclude(d.waiters, true, &format!("deployed {tag}"));
+            self.next_queued(now);
+        }
+    }
+
+    /// Ask the previously active generation to drain.
+    fn retire(&mut self, n: u64, now: Instant) {
+        let (sig, drain) = (self.cfg.stop_signal, self.cfg.drain_timeout);
+        let Some(g) = self.gen_mut(n) else { return };
+        g.state = State::Draining;
+        g.deadline = Some(now + drain);
+        g.signal_group(sig);
+        info!(
+            "{} draining ({}, deadline {})",
+            g.tag(),
+            signals::name(sig),
+            format_duration(drain)
+        );
+        let line = format!("draining gen {n}");
+        if let Some(d) = &self.deploy {
+            for &id in &d.waiters.clone() {
+                self.tell(id, &line);
+            }
+        }
+    }
+
+    /// The deploy of generation `n` failed closed: stop `n`, keep the
+    /// active generation and the current command.
+    fn fail_deploy(&mut self, n: u64, reason: String, exit: Exit, now: Instant) {
+        let sig = self.cfg.stop_signal;
+        if let Some(g) = self.gen_mut(n) {
+            warn!("{} deploy failed: {reason}", g.tag());
+            g.state = State::Failed;
+            if g.running() {
+                g.signal_group(sig);
+                g.deadline = Some(now + FAILED_GRACE);
+            } else {
+                g.deadline = None;
+            }
+        }
+        self.deploy_failed(n, reason, exit, now);
+    }
+
+    fn deploy_failed(&mut self, n: u64, reason: String, exit: Exit, now: Instant) {
+        self.counters.deploys_failed += 1;
+        self.last_failure = Some(format!("gen {n}: {reason}"));
+        let waiters = self.deploy.take().map(|d| d.waiters).unwrap_or_default();
+        self.conclude(
+            waiters,
+            false,
+            &format!("deploy of gen {n} failed: {reason}"),
+        );
+        if let Some(u) = &self.upstream
+            && self.booted
+        {
+            u.send("READY=1\nSTATUS=deploy failed; previous generation still serving");
+        }
+        if !self.booted {
+            // SPEC §5.6: the first generation must become ready. A worker
+            // that exited 0 without ever being ready still failed.
+            self.exit_code = Some(match exit.code() {
+                0 => 1,
+                c => c,
+            });
+            self.begin_stop("the first generation failed", now);
+            return;
+        }
+        self.next_queued(now);
+        if self.deploy.is_none() && self.active.is_none() && self.stop.is_none() {
+            self.schedule_restart(now);
+        }
+    }
+
+    fn next_queued(&mut self, now: Instant) {
+        if self.stop.is_some() {
+            return;
+        }
+        if let Some(q) = self.queued.take() {
+            info!("starting the queued deploy ({})", q.origin.name());
+            self.start_deploy(q.command, q.origin, q.waiters, now);
+        }
+    }
+
+    fn schedule_restart(&mut self, now: Instant) {
+        self.restart_at = Some(now + self.backoff);
+        info!("restarting in {}", format_duration(self.backoff));
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    // ---- notify --------------------------------------------------------
+
+    fn on_notify(&mut self, n: u64, fd: RawFd, now: Instant) {
+        let mut events = Vec::new();
+        if let Some(ns) = self.gen_mut(n).and_then(|g| g.notify.as_mut()) {
+            ns.on_readable(fd, now, &mut events);
+        }
+        for e in events {
+            self.on_notify_event(n, e, now);
+        }
+    }
+
+    fn on_notify_event(&mut self, n: u64, e: Event, now: Instant) {
+        let is_active = self.active == Some(n);
+        let Some(g) = self.gen_mut(n) else { return };
+        match e {
+            Event::Message(Message::Ready) => self.promote(n, now),
+            Event::Message(Message::Status(s)) => {
+                debug!("{} STATUS={s}", g.tag());
+                g.status_text = Some(s);
+            }
+            Event::Message(Message::Stopping) => {
+                if g.leaving {
+                    return;
+                }
+                g.leaving = true;
+                info!("{} is leaving on its own (STOPPING=1)", g.tag());
+                if is_active && g.state == State::Ready {
+                    self.request_deploy(None, Origin::Replace, None, now);
+                }
+            }
+            Event::Message(Message::ExtendTimeout(usec)) => {
+                if matches!(g.state, State::Starting | State::Draining | State::Failed)
+                    && g.running()
+                {
+                    g.deadline = Some(now + Duration::from_micros(usec));
+                    info!(
+                        "{} extended its {} deadline by {}",
+                        g.tag(),
+                        g.state.name(),
+                        format_duration(Duration::from_micros(usec))
+                    );
+                }
+            }
+            Event::Message(Message::Errno(errno)) => {
+                let text = crate::error::os_message(&std::io::Error::from_raw_os_error(errno));
+                info!("{} reported ERRNO={errno} ({text})", g.tag());
+            }
+            Event::Message(Message::Ignored(line)) => debug!("{} sent {line} (ignored)", g.tag()),
+            Event::Malformed(why) => {
+                if !g.noisy {
+                    g.noisy = true;
+                    warn!(
+                        "{} bad notify message dropped: {why} (not logged again for this generation)",
+                        g.tag()
+                    );
+                }
+            }
+            Event::Denied(uid) => {
+                if !g.noisy {
+                    g.noisy = true;
+                    warn!(
+                        "{} notify message from uid {uid} refused (not logged again for this generation)",
+                        g.tag()
+                    );
+                }
+            }
+        }
+    }
+
+    // ---- exits ---------------------------------------------------------
+
+    /// The single reaper: `waitpid(-1, WNOHANG)` until nothing is left,
+    /// collecting every exited child, ours or orphaned.
+    fn reap(&mut self, now: Instant) {
+        loop {
+            match wait(WaitOptions::NOHANG) {
+                Ok(Some((pid, status))) => {
+                    let pid = pid.as_raw_nonzero().get();
+                    let exit = Exit::from_wait(status);
+                    match self.gens.iter().find(|g| g.pid == pid && g.running()) {
+                        Some(g) => {
+                            let n = g.n;
+                            self.on_exit(n, exit, now);
+                        }
+                        None => debug!("reaped pid {pid} ({exit})"),
+                    }
+                }
+                Ok(None) | Err(Errno::CHILD) => break,
+                Err(Errno::INTR) => continue,
+                Err(e) => {
+                    warn!("waitpid failed: {e}");
+                    break;
+                }
+            }
+        }
+        self.sweep();
+    }
+
+    /// Generation `n`'s worker exited with `exit`.
+    fn on_exit(&mut self, n: u64, exit: Exit, now: Instant) {
+        let stopping = self.stop.is_some();
+        let Some(g) = self.gen_mut(n) else { return };
+        g.exit = Some(exit);
+        g.pidfd = None;
+        let (state, tag, leaving) = (g.state, g.tag(), g.leaving);
+        match state {
+            State::Starting => {
+                let reason = format!("exited with {exit} before READY=1");
+                self.fail_deploy(n, reason, exit, now);
+            }
+            State::Ready if !stopping && !leaving => self.on_crash(n, exit, now),
+            State::Ready => {
+                info!("{tag} exited with {exit}");
+                if self.active == Some(n) {
+                    self.active = None;
+                }
+            }
+            State::Draining | State::Failed => info!("{tag} exited with {exit}"),
+        }
+        if let Some(stop) = self.stop.as_mut() {
+            if stop.active == Some(n) {
+                stop.active_exit = Some(exit);
+            }
+            if exit != Exit::Code(0) {
+                stop.clean = false;
+            }
+        }
+        // Whatever the worker left in its group gets the stop signal and
+        // the usual deadline.
+        let (sig, drain) = (self.cfg.stop_signal, self.cfg.drain_timeout);
+        if let Some(g) = self.gen_mut(n)
+            && g.deadline.is_none()
+            && g.group_alive()
+        {
+            g.signal_group(sig);
+            g.deadline = Some(now + drain);
+        }
+    }
+
+    /// The active generation died on its own.
+    fn on_crash(&mut self, n: u64, exit: Exit, now: Instant) {
+        let tag = self.tag(n);
+        self.active = None;
+        if self.cfg.on_crash == OnCrash::Exit {
+            warn!("{tag} crashed ({exit}); exiting (--on-crash exit)");
+            self.exit_code = Some(match exit.code() {
+                0 => 1,
+                c => c,
+            });
+            self.begin_stop("--on-crash exit", now);
+            return;
+        }
+        self.counters.crash_restarts += 1;
+        let ready_for = self
+            .gens
+            .iter()
+            .find(|g| g.n == n)
+            .and_then(|g| g.ready_at)
+            .map(|t| now.saturating_duration_since(t));
+        if ready_for.is_some_and(|d| d >= BACKOFF_RESET) {
+            self.backoff = BACKOFF_MIN;
+        }
+        match &self.deploy {
+            Some(d) => warn!("{tag} crashed ({exit}); gen {} is already starting", d.n),
+            None => {
+                warn!(
+                    "{tag} crashed ({exit}); restarting in {}",
+                    format_duration(self.backoff)
+                );
+                self.restart_at = Some(now + self.backoff);
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+
+    /// Drop generations whose worker is reaped and whose group is empty.
+    fn sweep(&mut self) {
+        self.gens
+            .retain(|g| g.running() || (g.deadline.is_some() && g.group_alive()));
+    }
+
+    // ---- deadlines -----------------------------------------------------
+
+    fn expire(&mut self, now: Instant) {
+        let due: Vec<(u64, State)> = self
+            .gens
+            .iter()
+            .filter(|g| g.deadline.is_some_and(|d| d <= now))
+            .map(|g| (g.n, g.state))
+            .collect();
+        for (n, state) in due {
+            match state {
+                State::Starting => {
+                    let t = self
+                        .cfg
+                        .ready_timeout
+                        .map_or_else(String::new, format_duration);
+                    self.fail_deploy(n, format!("no READY=1 within {t}"), Exit::Code(1), now);
+                }
+                State::Ready | State::Draining | State::Failed => self.kill_overdue(n),
+            }
+        }
+        let mut stream_events = Vec::new();
+        for g in &mut self.gens {
+            if let Some(ns) = g.notify.as_mut()
+                && ns.deadline().is_some_and(|d| d <= now)
+            {
+                let mut ev = Vec::new();
+                ns.expire(now, &mut ev);
+                stream_events.extend(ev.into_iter().map(|e| (g.n, e)));
+            }
+        }
+        for (n, e) in stream_events {
+            self.on_notify_event(n, e, now);
+        }
+        if self.restart_at.is_some_and(|t| t <= now) {
+            self.start_deploy(None, Origin::CrashRestart, Vec::new(), now);
+        }
+        if let Some(stop) = self.stop.as_mut()
+            && stop.orphan_deadline.is_some_and(|t| t <= now)
+        {
+            stop.orphan_deadline = None;
+            for pid in orphans(&self.gens) {
+                warn!("pid {pid} killed at drain deadline (left behind by a worker)");
+                let _ = crate::sys::kill(pid, libc::SIGKILL);
+            }
+        }
+        if let Some(c) = self.control.as_mut() {
+            c.expire(now);
+        }
+    }
+
+    /// SIGKILL to a generation's whole process group at its deadline.
+    fn kill_overdue(&mut self, n: u64) {
+        let Some(g) = self.gen_mut(n) else { return };
+        g.deadline = None;
+        g.signal_group(libc::SIGKILL);
+        warn!("{} killed at drain deadline", g.tag());
+        let gone = !g.running();
+        if let Some(stop) = self.stop.as_mut() {
+            stop.clean = false;
+        }
+        if gone {
+            // Only leftovers were in the group; SIGKILL cannot be caught.
+            self.gens.retain(|g| g.n != n);
+        }
+    }
+
+    // ---- stop ----------------------------------------------------------
+
+    /// TERM/INT or `stop`: stop signal to everything, SIGKILL at the
+    /// deadline, exit when nothing is left. A second request kills now.
+    fn begin_stop(&mut self, why: &str, now: Instant) {
+        if let Some(stop) = self.stop.as_mut() {
+            if !stop.forced && why.starts_with("SIG") {
+                stop.forced = true;
+                warn!("second {why}: killing everything now");
+                for g in &mut self.gens {
+                    g.signal_group(libc::SIGKILL);
+                    g.deadline = None;
+                }
+                self.gens.retain(|g| g.running());
+                for pid in orphans(&self.gens) {
+                    let _ = crate::sys::kill(pid, libc::SIGKILL);
+                }
+                stop.orphan_deadline = None;
+                stop.clean = false;
+            }
+            return;
+        }
+        info!("stopping ({why})");
+        if let Some(u) = &self.upstream {
+            u.send("STOPPING=1\nSTATUS=stopping");
+        }
+        self.restart_at = None;
+        let mut waiters = self.deploy.take().map(|d| d.waiters).unwrap_or_default();
+        waiters.extend(self.queued.take().map(|q| q.waiters).unwrap_or_default());
+        self.conclude(waiters, false, "the supervisor is stopping");
+        let (sig, drain) = (self.cfg.stop_signal, self.cfg.drain_timeout);
+        for g in &mut self.gens {
+            if matches!(g.state, State::Starting | State::Ready) && (g.running() || g.group_alive())
+            {
+                g.signal_group(sig);
+                g.state = State::Draining;
+                g.deadline = Some(now + drain);
+                info!(
+                    "{} draining ({}, deadline {})",
+                    g.tag(),
+                    signals::name(sig),
+                    format_duration(drain)
+                );
+            }
+        }
+        // Daemons that left their generation's group (setsid) are still our
+        // children as subreaper or PID 1: they are stopped too.
+        let strays = orphans(&self.gens);
+        for &pid in &strays {
+            info!(
+                "pid {pid} (left behind by a worker) gets {}",
+                signals::name(sig)
+            );
+            let _ = crate::sys::kill(pid, sig);
+        }
+        self.stop = Some(Stopping {
+            active: self.active,
+            active_exit: None,
+            clean: true,
+            forced: false,
+            orphan_deadline: (!strays.is_empty()).then(|| now + drain),
+            waiters: Vec::new(),
+        });
+        self.sweep();
+    }
+
+    // ---- control -------------------------------------------------------
+
+    fn on_control(&mut self, fd: RawFd, flags: PollFlags, now: Instant) {
+        let Some(c) = self.control.as_mut() else {
+            return;
+        };
+        let requests = c.on_ready(fd, flags, now);
+        for (id, req) in requests {
+            self.on_request(id, req, now);
+        }
+    }
+
+    fn on_request(&mut self, id: ClientId, req: Request, now: Instant) {
+        match req {
+            Request::Deploy(command) => {
+                let command = command.map(Rc::from);
+                self.request_deploy(command, Origin::Control, Some(id), now);
+            }
+            Request::Rollback => match self.previous_cmd.clone() {
+                Some(cmd) => {
+                    let words = control::shell_words(&cmd);
+                    self.tell(id, &format!("rolling back to: {words}"));
+                    self.request_deploy(Some(cmd), Origin::Control, Some(id), now);
+                }
+                None => self.conclude(
+                    vec![id],
+                    false,
+                    "nothing to roll back to: the command has not changed since start",
+                ),
+            },
+            Request::Status(format) => {
+                let body = crate::status::render(self, format, now);
+                let serving = self.serving();
+                if let Some(c) = self.control.as_mut() {
+                    match format {
+                        control::StatusFormat::Check => c.finish(id, serving, &body),
+                        _ => {
+                            c.data(id, &body);
+                            c.finish(id, true, "");
+                        }
+                    }
+                }
+            }
+            Request::Stop => {
+                if let Some(c) = self.control.as_mut() {
+                    c.progress(id, "stopping");
+                }
+                self.begin_stop("stop requested over the control socket", now);
+                if let Some(s) = self.stop.as_mut() {
+                    s.waiters.push(id);
+                }
+            }
+        }
+    }
+
+    /// A ready generation serves (not leaving on its own).
+    pub fn serving(&self) -> bool {
+        self.active
+            .and_then(|n| self.gens.iter().find(|g| g.n == n))
+            .is_some_and(|g| g.state == State::Ready && g.running() && !g.leaving)
+    }
+
+    pub fn deploying(&self) -> Option<u64> {
+        self.deploy.as_ref().map(|d| d.n)
+    }
+
+    fn tell(&mut self, id: ClientId, line: &str) {
+        if let Some(c) = self.control.as_mut() {
+            c.progress(id, line);
+        }
+    }
+
+    fn conclude(&mut self, waiters: Vec<ClientId>, ok: bool, line: &str) {
+        if let Some(c) = self.control.as_mut() {
+            for id in waiters {
+                c.finish(id, ok, line);
+            }
+        }
+    }
+}
+
+/// Our children that are not generation workers: daemons reparented to
+/// us (as PID 1 or child subreaper). Read from /proc, only while stopping.
+fn orphans(gens: &[Generation]) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| !gens.iter().any(|g| g.pid == *pid))
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // "pid (comm) S ppid …": comm may hold spaces and parentheses.
+            let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let mut fields = after.split_whitespace();
+            let state = fields.next();
+            let ppid = fields.next().and_then(|p| p.parse::<i32>().ok());
+            ppid == Some(me) && state != Some("Z")
+        })
+        .collect()
+}

@@ -1,0 +1,305 @@
+//! The only module with `unsafe`: the raw system calls that rustix leaves
+//! out on purpose (fork, execve, `_exit`, signal masks and dispositions,
+//! signalfd, kill with an arbitrary signal number) and the code that runs in
+//! a child between `fork` and `execve`.
+//!
+//! Everything in [`exec_child`] runs in the forked child of a process that
+//! may hold allocator locks: it uses only async-signal-safe system calls on
+//! memory prepared before the fork, never allocates, and ends in `execve`
+//! or `_exit`.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+/// Signals that stay unblocked: the synchronous faults, which the kernel
+/// delivers to the faulting thread and which must keep killing us.
+const FAULT_SIGNALS: [i32; 7] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGABRT,
+    libc::SIGTRAP,
+    libc::SIGSYS,
+];
+
+/// The highest signal number (`SIGRTMAX` on Linux is 64).
+const NSIG: i32 = 65;
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A signal set (`sigset_t`).
+#[derive(Clone, Copy)]
+pub struct SigSet(libc::sigset_t);
+
+impl SigSet {
+    /// Every signal but the synchronous faults.
+    pub fn all_but_faults() -> SigSet {
+        // SAFETY: sigfillset/sigdelset only write into the set we own.
+        unsafe {
+            let mut set = std::mem::zeroed::<libc::sigset_t>();
+            libc::sigfillset(&mut set);
+            for sig in FAULT_SIGNALS {
+                libc::sigdelset(&mut set, sig);
+            }
+            SigSet(set)
+        }
+    }
+
+    pub fn empty() -> SigSet {
+        // SAFETY: sigemptyset only writes into the set we own.
+        unsafe {
+            let mut set = std::mem::zeroed::<libc::sigset_t>();
+            libc::sigemptyset(&mut set);
+            SigSet(set)
+        }
+    }
+}
+
+/// `sigprocmask(SIG_SETMASK)`: install `set`, return the previous mask.
+pub fn set_signal_mask(set: &SigSet) -> io::Result<SigSet> {
+    // SAFETY: both pointers point at live sigset_t values we own.
+    unsafe {
+        let mut old = std::mem::zeroed::<libc::sigset_t>();
+        cvt(libc::sigprocmask(libc::SIG_SETMASK, &set.0, &mut old))?;
+        Ok(SigSet(old))
+    }
+}
+
+/// `signalfd(2)` for `set`, non-blocking and close-on-exec.
+pub fn signalfd(set: &SigSet) -> io::Result<OwnedFd> {
+    // SAFETY: set points at a valid sigset_t; a returned fd is ours alone.
+    unsafe {
+        let fd = cvt(libc::signalfd(
+            -1,
+            &set.0,
+            libc::SFD_NONBLOCK | libc::SFD_CLOEXEC,
+        ))?;
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// `kill(2)`: `pid` > 0 is one process, `pid` < 0 the process group `-pid`.
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: kill takes plain integers.
+    cvt(unsafe { libc::kill(pid, sig) }).map(drop)
+}
+
+/// `dup3(2)` with `O_CLOEXEC`: make `target` a close-on-exec duplicate of
+/// `fd`, closing what was at `target`. Used to park listening sockets at
+/// 3, 4, … so a worker gets them at the numbers `LISTEN_FDS` promises.
+pub fn dup_to(fd: RawFd, target: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: dup3 takes plain integers; on success `target` is a new fd
+    // that nothing else in the process owns (whatever was there is closed).
+    unsafe {
+        cvt(libc::dup3(fd, target, libc::O_CLOEXEC))?;
+        Ok(OwnedFd::from_raw_fd(target))
+    }
+}
+
+/// `fcntl(F_DUPFD_CLOEXEC)` of a descriptor number we were told we
+/// inherited (`--listen fd:N`, `LISTEN_FDS`); EBADF when it is not open.
+pub fn dup_inherited(fd: RawFd, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl on an integer fd; on success the new fd is ours alone.
+    unsafe {
+        let new = cvt(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min))?;
+        Ok(OwnedFd::from_raw_fd(new))
+    }
+}
+
+/// Make sure fds 0, 1 and 2 are open, on /dev/null if not, so that no
+/// socket we create later lands on a standard stream.
+pub fn ensure_stdio() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD on an integer fd has no side effects.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            // SAFETY: open with a NUL-terminated literal; the returned fd is
+            // the lowest free one, i.e. `fd`, and stays open for our life.
+            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        }
+    }
+}
+
+/// Mark every fd from `from` on close-on-exec, so descriptors our parent
+/// leaked to us never reach a worker even where `close_range` is missing.
+pub fn cloexec_from(from: RawFd) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        if fd >= from {
+            // SAFETY: F_GETFD/F_SETFD on an integer fd; a closed fd fails
+            // harmlessly (the directory's own fd is gone by then).
+            unsafe {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags >= 0 {
+                    libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                }
+            }
+        }
+    }
+}
+
+/// `prctl(PR_SET_CHILD_SUBREAPER)`.
+pub fn set_child_subreaper() -> io::Result<()> {
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid())).map_err(io::Error::from)
+}
+
+/// Everything the child needs, prepared before `fork` so that the child
+/// only reads memory and makes system calls.
+pub struct ChildPlan<'a> {
+    /// Absolute or cwd-relative path handed to `execve`.
+    pub path: &'a CStr,
+    /// NULL-terminated argv.
+    pub argv: &'a [*const libc::c_char],
+    /// NULL-terminated envp; one entry points into `listen_pid_slot`.
+    pub envp: &'a [*const libc::c_char],
+    /// `LISTEN_PID=` followed by room for digits and a NUL; the child
+    /// writes its own pid there (see [`write_pid`]).
+    pub listen_pid_slot: *mut u8,
+    /// Offset of the first digit in `listen_pid_slot`.
+    pub listen_pid_offset: usize,
+    /// Working directory, if any.
+    pub chdir: Option<&'a CStr>,
+    /// Number of listening sockets parked at fd 3, 4, …
+    pub listen_fds: i32,
+    /// Parent-death signal.
+    pub death_signal: i32,
+    /// The supervisor's pid, to notice it died before PR_SET_PDEATHSIG.
+    pub parent_pid: i32,
+    /// Write end of the CLOEXEC pipe that reports an exec failure.
+    pub error_pipe: RawFd,
+}
+
+/// `fork(2)`. In the child, set the worker up and exec it; never returns
+/// there. In the parent, return the child's pid.
+pub fn fork_exec(plan: &ChildPlan<'_>) -> io::Result<i32> {
+    // SAFETY: fork is safe to call; the child branch only runs
+    // `exec_child`, which is async-signal-safe and never returns.
+    let pid = cvt(unsafe { libc::fork() })?;
+    if pid == 0 {
+        exec_child(plan);
+    }
+    Ok(pid)
+}
+
+/// The child side of [`fork_exec`]. Only async-signal-safe calls, no
+/// allocation, no locks; ends in `execve` or `_exit`.
+fn exec_child(plan: &ChildPlan<'_>) -> ! {
+    // SAFETY: every call below is an async-signal-safe system call on
+    // memory prepared by the parent before fork (which this child owns a
+    // private copy of); nothing allocates or takes a lock.
+    unsafe {
+        // Default dispositions first, while every signal is still blocked:
+        // Rust ignores SIGPIPE and an ignored disposition survives exec.
+        let mut dfl = std::mem::zeroed::<libc::sigaction>();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for sig in 1..NSIG {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        // The generation's own process group, so a drain deadline can
+        // SIGKILL everything it forked.
+        if libc::setpgid(0, 0) == -1 {
+            fail(plan.error_pipe, 1);
+        }
+        // Die with the supervisor, and close the race where it died before
+        // the prctl: then our parent is no longer the supervisor.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, plan.death_signal as libc::c_ulong) == -1 {
+            fail(plan.error_pipe, 1);
+        }
+        if libc::getppid() != plan.parent_pid {
+            libc::_exit(1);
+        }
+        write_pid(
+            plan.listen_pid_slot.add(plan.listen_pid_offset),
+            libc::getpid(),
+        );
+        if let Some(dir) = plan.chdir
+            && libc::chdir(dir.as_ptr()) == -1
+        {
+            fail(plan.error_pipe, 1);
+        }
+        for fd in 3..3 + plan.listen_fds {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                fail(plan.error_pipe, 1);
+            }
+        }
+        // Anything beyond the listeners closes at exec, whoever opened it.
+        // ENOSYS/EINVAL on kernels before 5.11: the startup sweep in
+        // `cloexec_from` already covered inherited fds.
+        libc::syscall(
+            libc::SYS_close_range,
+            (3 + plan.listen_fds) as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+        let empty = SigSet::empty();
+        libc::sigprocmask(libc::SIG_SETMASK, &empty.0, std::ptr::null_mut());
+        libc::execve(plan.path.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+        let code = match *libc::__errno_location() {
+            libc::EACCES | libc::ENOEXEC | libc::EISDIR => 126,
+            _ => 127,
+        };
+        fail(plan.error_pipe, code);
+    }
+}
+
+/// Report errno through the error pipe and `_exit(code)`. Child side only.
+unsafe fn fail(pipe: RawFd, code: i32) -> ! {
+    // SAFETY: errno location, write and _exit are async-signal-safe; the
+    // buffer lives on this stack frame.
+    unsafe {
+        let errno = (*libc::__errno_location()).to_ne_bytes();
+        libc::write(pipe, errno.as_ptr().cast(), errno.len());
+        libc::_exit(code)
+    }
+}
+
+/// Write `pid` in decimal followed by NUL at `at`. Child side only: no
+/// allocation, no formatting machinery. The slot has room for 20 digits.
+unsafe fn write_pid(at: *mut u8, pid: i32) {
+    let mut digits = [0u8; 20];
+    let mut n = pid as u32;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        // SAFETY: the caller guarantees 21 writable bytes at `at`.
+        unsafe { *at.add(i) = digits[len - 1 - i] };
+    }
+    // SAFETY: as above, `len` <= 20.
+    unsafe { *at.add(len) = 0 };
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pid_slot_digits() {
+        let mut slot = *b"LISTEN_PID=xxxxxxxxxxxxxxxxxxxxx";
+        // SAFETY: the slot has 21 bytes after the prefix.
+        unsafe { super::write_pid(slot.as_mut_ptr().add(11), 40213) };
+        assert_eq!(&slot[..17], b"LISTEN_PID=40213\0");
+    }
+}
