@@ -243,3 +243,84 @@ export function containerflipBinary() {
   const bin = process.env.CONTAINERFLIP_BIN ?? path.resolve(PKG_DIR, '..', '..', 'target', 'debug', 'containerflip');
   return bin;
 }
+
+/**
+ * `containerflip run --notify-mode MODE --listen 127.0.0.1:0 RUNARGS -- CMD`,
+ * with its control socket in a temporary directory. Resolves once the first
+ * generation is ready (or rejects with the log if `run` exits first).
+ */
+export async function startSupervisor(t, command, { runArgs = [], env = {}, notifyMode = 'stream', waitReady = true } = {}) {
+  const bin = containerflipBinary();
+  if (!fs.existsSync(bin)) {
+    throw new Error(`containerflip binary not found at ${bin}: build it with \`cargo build\` at the top of the repository, or set CONTAINERFLIP_BIN`);
+  }
+  const dir = tmpDir(t);
+  const childEnv = { ...process.env };
+  for (const k of ['LISTEN_FDS', 'LISTEN_PID', 'LISTEN_FDNAMES', 'NOTIFY_SOCKET', 'DRAIN_GRACE_MS', 'PORT', 'CONTAINERFLIP_GENERATION', 'CONTAINERFLIP_CONTROL']) {
+    delete childEnv[k];
+  }
+  Object.assign(childEnv, env);
+  const args = [
+    'run', '--notify-mode', notifyMode, '--listen', '127.0.0.1:0',
+    '--control', path.join(dir, 'control.sock'),
+    ...runArgs, '--', ...command,
+  ];
+  const child = spawn(bin, args, { cwd: PKG_DIR, env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+  const echo = process.env.CF_TEST_VERBOSE ? process.stderr : null;
+  // Workers inherit the supervisor's stdout and stderr, so their lines show
+  // up here too.
+  const stdout = new Lines(child.stdout, { echo });
+  const stderr = new Lines(child.stderr, { echo });
+  const exited = new Promise((resolve) => child.once('close', (code, signal) => resolve({ code, signal })));
+  t?.after?.(async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), 10000);
+      await exited;
+      clearTimeout(timer);
+    }
+  });
+  const sup = {
+    child,
+    stdout,
+    stderr,
+    exited,
+    port: null,
+    active: null, // { gen, pid }
+    waitExit(what = 'containerflip run to exit') {
+      return withDeadline(exited, `${what}; log:\n${stderr.text()}`);
+    },
+    /**
+     * SIGHUP, then wait for the new generation's `ready` line and the old
+     * one's `exited`/`killed` line; or for `deploy failed`.
+     */
+    async deploy() {
+      const from = stderr.lines.length;
+      const old = this.active;
+      child.kill('SIGHUP');
+      const spawned = await stderr.waitFor(/^containerflip: gen (\d+) pid (\d+) spawned/, { from });
+      const gen = Number(spawned.match[1]);
+      const pid = Number(spawned.match[2]);
+      const outcome = await stderr.waitFor(new RegExp(`^containerflip: gen ${gen} pid ${pid} (ready in \\d+ ?ms|deploy failed: (.*))$`), { from });
+      if (outcome.match[2] !== undefined) {
+        return { ok: false, gen, pid, reason: outcome.match[2] };
+      }
+      const end = await stderr.waitFor(new RegExp(`^containerflip: gen ${old.gen} pid ${old.pid} (exited with status \\d+|killed .*)$`), { from });
+      this.active = { gen, pid };
+      return { ok: true, gen, pid, old, oldEnd: end.match[1] };
+    },
+    async stop() {
+      child.kill('SIGTERM');
+      return this.waitExit();
+    },
+  };
+  const ended = exited.then((r) => { throw new Error(`containerflip run exited early (${JSON.stringify(r)}):\n${stderr.text()}`); });
+  ended.catch(() => {});
+  const listening = await Promise.race([stderr.waitFor(/^containerflip: listening on 127\.0\.0\.1:(\d+) as fd 3/), ended]);
+  sup.port = Number(listening.match[1]);
+  if (waitReady) {
+    const ready = await Promise.race([stderr.waitFor(/^containerflip: gen 1 pid (\d+) ready in/), ended]);
+    sup.active = { gen: 1, pid: Number(ready.match[1]) };
+  }
+  return sup;
+}

@@ -1,0 +1,157 @@
+// The helper and the recipes under the real supervisor:
+//   containerflip run --notify-mode stream --listen 127.0.0.1:0 -- node examples/X.mjs
+// The binary is $CONTAINERFLIP_BIN or ../../target/debug/containerflip; if it
+// is missing these tests fail (they are never skipped).
+//
+// Every wait is for a log line or an answer; deadlines are safety nets only.
+// A deploy is: SIGHUP to the supervisor, then the new generation's `ready`
+// line and the old generation's `exited` line.
+
+import { test, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import http from 'node:http';
+import path from 'node:path';
+
+import { startSupervisor, request, withDeadline, FIXTURES } from './helpers.mjs';
+import { Load } from './load.mjs';
+
+const WORKER = path.join(FIXTURES, 'worker.mjs');
+const DEPLOYS = 5;
+
+const checkAnswer = (r) => {
+  if (r.status !== 200) return `status ${r.status}`;
+  if (!/generation \d+/.test(r.body)) return `unexpected body ${JSON.stringify(r.body)}`;
+  if (!/^\d+$/.test(r.headers['x-containerflip-generation'] ?? '')) return 'no X-Containerflip-Generation header';
+  return null;
+};
+
+describe('recipes under containerflip: ready, serve, 5 deploys under load, zero failed requests', () => {
+  for (const name of ['http', 'express', 'koa', 'fastify', 'cluster']) {
+    test(`examples/${name}.mjs`, async (t) => {
+      const sup = await startSupervisor(t, ['node', `examples/${name}.mjs`], { env: { CLUSTER_WORKERS: '2' } });
+      const first = await request(sup.port);
+      assert.equal(first.status, 200);
+      assert.equal(first.headers['x-containerflip-generation'], '1');
+      assert.match(first.body, /generation 1\b/);
+
+      // Bounded by count and by time; both far above what 5 deploys need, and
+      // the test asserts that neither bound was reached before the end.
+      const loads = [
+        new Load(sup.port, { mode: 'fresh', concurrency: 2, maxRequests: 60000, maxMs: 180000, check: checkAnswer }),
+        new Load(sup.port, { mode: 'keepalive', concurrency: 4, maxRequests: 200000, maxMs: 180000, check: checkAnswer }),
+      ];
+      await withDeadline(Promise.all(loads.map((l) => l.flowing)), 'the load to flow');
+
+      for (let i = 1; i <= DEPLOYS; i++) {
+        const d = await sup.deploy();
+        assert.ok(d.ok, `deploy ${i} failed: ${d.reason}`);
+        assert.equal(d.gen, i + 1);
+        assert.equal(d.oldEnd, 'exited with status 0', `generation ${d.old.gen} ended with "${d.oldEnd}"`);
+      }
+      // Keep the load running until the last generation has answered it.
+      const last = String(DEPLOYS + 1);
+      await withDeadline(new Promise((resolve) => {
+        const check = () => (loads.every((l) => l.generations.get(last) > 0) ? resolve() : setImmediate(check));
+        check();
+      }), `generation ${last} to answer the load`);
+
+      const summaries = await Promise.all(loads.map((l) => l.stop()));
+      for (const s of summaries) {
+        t.diagnostic(`${name} ${s.mode}: ${s.requests} requests, ${s.failed} failed, ${s.retries} retries ` +
+          `(reused connection closed before any response byte), per generation ${JSON.stringify(s.generations)}`);
+      }
+      for (const s of summaries) {
+        assert.equal(s.limitHit, null, `${s.mode} load hit its ${s.limitHit} before the deploys were over`);
+        assert.deepEqual(s.firstFailures, [], `${s.mode}: ${s.failed} failed requests`);
+        assert.equal(s.failed, 0);
+      }
+
+      const after = await request(sup.port);
+      assert.equal(after.headers['x-containerflip-generation'], last);
+
+      const { code } = await sup.stop();
+      assert.equal(code, 0, sup.stderr.text());
+      assert.ok(sup.stderr.find(/^containerflip: exiting with status 0$/));
+    });
+  }
+});
+
+describe('drain under containerflip', () => {
+  test('deploy: in-flight request completes, keep-alive client gets Connection: close, idle socket does not hold the old generation, which exits 0', async (t) => {
+    // drain-timeout 10m: DRAIN_GRACE_MS is far beyond every deadline here, so
+    // the old generation can only leave by going idle.
+    const sup = await startSupervisor(t, ['node', WORKER], { runArgs: ['--drain-timeout', '10m'] });
+    const oldPid = sup.active.pid;
+
+    const idleAgent = new http.Agent({ keepAlive: true });
+    t.after(() => idleAgent.destroy());
+    await request(sup.port, { agent: idleAgent });
+    const [idleSocket] = Object.values(idleAgent.freeSockets).flat();
+    const idleClosed = once(idleSocket, 'close');
+
+    const kaAgent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    t.after(() => kaAgent.destroy());
+    assert.equal((await request(sup.port, { agent: kaAgent })).headers.connection, 'keep-alive');
+    const kaHeld = request(sup.port, { agent: kaAgent, path: '/hold' });
+    const freshHeld = request(sup.port, { path: '/hold' });
+    await sup.stdout.waitFor(/^HELD 2$/);
+    const deploy = sup.deploy();
+    await sup.stderr.waitFor(new RegExp(`^\\[containerflip-node pid ${oldPid}\\] draining: no longer accepting, grace \\d+ms`));
+    process.kill(oldPid, 'SIGUSR2'); // release the held responses
+    const [a, b] = await Promise.all([kaHeld, freshHeld]);
+    for (const r of [a, b]) {
+      assert.equal(r.status, 200);
+      assert.equal(r.headers['x-containerflip-generation'], '1');
+      assert.equal(r.headers.connection, 'close');
+    }
+    assert.equal(a.reused, true);
+    await withDeadline(idleClosed, 'the idle keep-alive socket to be closed');
+    const d = await deploy;
+    assert.ok(d.ok, d.reason);
+    assert.equal(d.oldEnd, 'exited with status 0');
+    assert.ok(sup.stderr.find(new RegExp(`^\\[containerflip-node pid ${oldPid}\\] drained in \\d+ms \\(idle\\)`)), sup.stderr.text());
+    assert.equal((await request(sup.port)).headers['x-containerflip-generation'], '2');
+    assert.equal((await sup.stop()).code, 0);
+  });
+
+  test('a request that never finishes is cut at DRAIN_GRACE_MS, before the supervisor\'s deadline, and the worker exits 0', async (t) => {
+    // drain-timeout 4s: the supervisor sets DRAIN_GRACE_MS=2000.
+    const sup = await startSupervisor(t, ['node', WORKER], { runArgs: ['--drain-timeout', '4s'] });
+    const oldPid = sup.active.pid;
+    const stuck = request(sup.port, { path: '/hold' }).then(() => null, (err) => err);
+    await sup.stdout.waitFor(/^HELD 1$/);
+    const d = await sup.deploy();
+    assert.ok(d.ok, d.reason);
+    assert.equal(d.oldEnd, 'exited with status 0', sup.stderr.text());
+    assert.ok(sup.stderr.find(new RegExp(`^\\[containerflip-node pid ${oldPid}\\] draining: no longer accepting, grace 2000ms`)), sup.stderr.text());
+    assert.ok(sup.stderr.find(new RegExp(`^\\[containerflip-node pid ${oldPid}\\] grace period of 2000ms over: closing 1 remaining`)), sup.stderr.text());
+    assert.ok((await stuck) instanceof Error);
+    assert.equal(sup.stderr.find(/killed at drain deadline/), null);
+    assert.equal((await sup.stop()).code, 0);
+  });
+});
+
+describe('failures under containerflip', () => {
+  test('a worker whose listen fails exits non-zero before READY=1; the deploy fails closed and the old generation keeps answering', async (t) => {
+    const sup = await startSupervisor(t, ['node', WORKER], { env: { CF_FAIL_FROM_GEN: '2' } });
+    const d = await sup.deploy();
+    assert.equal(d.ok, false);
+    assert.match(d.reason, /exited with status [1-9]\d* before READY=1/);
+    assert.equal(sup.stderr.find(new RegExp(`^\\[containerflip-node pid ${d.pid}\\] listening`)), null, 'the failed worker never listened');
+    assert.ok(sup.stderr.find(/cannot listen on fd 42/), sup.stderr.text());
+    for (let i = 0; i < 3; i++) {
+      const r = await request(sup.port);
+      assert.equal(r.status, 200);
+      assert.equal(r.headers['x-containerflip-generation'], '1');
+    }
+    assert.equal((await sup.stop()).code, 0);
+  });
+
+  test('under --notify-mode dgram a Node worker cannot report readiness and says why', async (t) => {
+    const sup = await startSupervisor(t, ['node', WORKER], { notifyMode: 'dgram', waitReady: false });
+    const { code } = await sup.waitExit();
+    assert.notEqual(code, 0, 'the first generation never became ready, so run fails');
+    assert.ok(sup.stderr.find(/cannot send READY=1 to NOTIFY_SOCKET=.*--notify-mode stream/), sup.stderr.text());
+  });
+});
