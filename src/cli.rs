@@ -30,6 +30,10 @@ each worker generation as fd 3 and up (LISTEN_FDS). A deploy (SIGHUP or
 retires the old one once the new one says READY=1; a new generation that
 fails to become ready is stopped and the old one keeps serving.
 
+Options:
+  -h, --help      print this help
+  -V, --version   print the version
+
 Run 'containerflip COMMAND --help' for a command's options.
 See containerflip(1) for the full manual.
 ";
@@ -93,7 +97,7 @@ Show listeners, generations, counters and the last failure.
 Options:
       --control PATH   control socket [default: see containerflip(1)]
       --json           print one JSON object
-      --check          print nothing; exit 0 if a ready generation serves, else 1
+      --check          print one line; exit 0 if a ready generation serves, else 1
   -h, --help           print this help
 ";
 

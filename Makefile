@@ -1,0 +1,33 @@
+# containerflip: the commands the README names. `make test` is the one
+# test command; .ci/run runs it plus formatting and lints.
+
+STATIC_TARGET := x86_64-unknown-linux-gnu
+STATIC_BIN := target/$(STATIC_TARGET)/release/containerflip
+
+.PHONY: test test-rust test-node release static clean
+
+test: test-rust test-node
+
+# Builds the binary and the example worker first: the integration tests
+# run both as real processes.
+test-rust:
+	cargo build --bins --examples
+	cargo test
+
+# Installs the helper's devDependencies (frameworks, typescript) from the
+# lock file, then runs node:test against the binary built above.
+test-node: test-rust
+	cd clients/node && npm ci --no-audit --no-fund --loglevel=error && npm test
+
+release:
+	cargo build --release
+
+# A fully static binary (static-pie, glibc linked in). Where the musl
+# target is installed, --target x86_64-unknown-linux-musl works as well.
+static:
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target $(STATIC_TARGET)
+	@echo "$(STATIC_BIN)"
+
+clean:
+	cargo clean
+	rm -rf clients/node/node_modules
