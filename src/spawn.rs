@@ -57,8 +57,9 @@ pub struct Request<'a> {
 pub struct Child {
     pub pid: i32,
     pub pidfd: OwnedFd,
-    /// `execve` failed in the child (which then exits 126 or 127).
-    pub exec_error: Option<std::io::Error>,
+    /// The child's set-up or `execve` failed (it then exits 1, 126 or
+    /// 127): what it was doing and the OS error.
+    pub setup_error: Option<(sys::Stage, std::io::Error)>,
 }
 
 /// Start a worker. An `Err` is a spawn that never produced a process
@@ -153,16 +154,19 @@ pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
             return Err(format!("unable to open a pidfd for pid {pid}: {e}"));
         }
     };
-    // Blocks until the child execs (EOF) or reports errno (4 bytes).
-    let mut errno = [0u8; 4];
-    let exec_error = match rustix::io::read(&err_read, &mut errno) {
-        Ok(4) => Some(std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno))),
+    // Blocks until the child execs (EOF) or reports a failure (5 bytes).
+    let mut msg = [0u8; 5];
+    let setup_error = match rustix::io::read(&err_read, &mut msg) {
+        Ok(5) => sys::Stage::from_byte(msg[0]).map(|stage| {
+            let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
+            (stage, std::io::Error::from_raw_os_error(errno))
+        }),
         _ => None,
     };
     Ok(Child {
         pid,
         pidfd,
-        exec_error,
+        setup_error,
     })
 }
 

@@ -444,11 +444,20 @@ impl Supervisor {
         };
         info!("{} spawned", g.tag());
         debug!("{} command: {}", g.tag(), control::shell_words(&command));
-        if let Some(e) = child.exec_error {
+        if let Some((stage, e)) = child.setup_error {
+            let what = match stage {
+                crate::sys::Stage::Exec => command[0].to_string_lossy().into_owned(),
+                crate::sys::Stage::Chdir => self
+                    .cfg
+                    .chdir
+                    .as_deref()
+                    .map_or_else(String::new, |d| d.display().to_string()),
+                _ => String::new(),
+            };
             warn!(
-                "{} unable to execute {}: {}",
+                "{} unable to {} {what}: {}",
                 g.tag(),
-                command[0].to_string_lossy(),
+                stage.doing(),
                 crate::error::os_message(&e)
             );
         }

@@ -216,12 +216,12 @@ fn exec_child(plan: &ChildPlan<'_>) -> ! {
         // The generation's own process group, so a drain deadline can
         // SIGKILL everything it forked.
         if libc::setpgid(0, 0) == -1 {
-            fail(plan.error_pipe, 1);
+            fail(plan.error_pipe, Stage::Setpgid, 1);
         }
         // Die with the supervisor, and close the race where it died before
         // the prctl: then our parent is no longer the supervisor.
         if libc::prctl(libc::PR_SET_PDEATHSIG, plan.death_signal as libc::c_ulong) == -1 {
-            fail(plan.error_pipe, 1);
+            fail(plan.error_pipe, Stage::DeathSignal, 1);
         }
         if libc::getppid() != plan.parent_pid {
             libc::_exit(1);
@@ -233,11 +233,11 @@ fn exec_child(plan: &ChildPlan<'_>) -> ! {
         if let Some(dir) = plan.chdir
             && libc::chdir(dir.as_ptr()) == -1
         {
-            fail(plan.error_pipe, 1);
+            fail(plan.error_pipe, Stage::Chdir, 1);
         }
         for fd in 3..3 + plan.listen_fds {
             if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                fail(plan.error_pipe, 1);
+                fail(plan.error_pipe, Stage::ListenFds, 1);
             }
         }
         // Anything beyond the listeners closes at exec, whoever opened it.
@@ -256,17 +256,56 @@ fn exec_child(plan: &ChildPlan<'_>) -> ! {
             libc::EACCES | libc::ENOEXEC | libc::EISDIR => 126,
             _ => 127,
         };
-        fail(plan.error_pipe, code);
+        fail(plan.error_pipe, Stage::Exec, code);
     }
 }
 
-/// Report errno through the error pipe and `_exit(code)`. Child side only.
-unsafe fn fail(pipe: RawFd, code: i32) -> ! {
+/// Which step of the child's set-up failed, as reported through the
+/// error pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Stage {
+    Setpgid = 1,
+    DeathSignal = 2,
+    Chdir = 3,
+    ListenFds = 4,
+    Exec = 5,
+}
+
+impl Stage {
+    pub fn from_byte(b: u8) -> Option<Stage> {
+        [
+            Stage::Setpgid,
+            Stage::DeathSignal,
+            Stage::Chdir,
+            Stage::ListenFds,
+            Stage::Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == b)
+    }
+
+    /// What the child was doing, for "unable to …".
+    pub fn doing(self) -> &'static str {
+        match self {
+            Stage::Setpgid => "create its process group",
+            Stage::DeathSignal => "set its parent-death signal",
+            Stage::Chdir => "change directory",
+            Stage::ListenFds => "pass the listening sockets",
+            Stage::Exec => "execute",
+        }
+    }
+}
+
+/// Report the stage and errno through the error pipe (5 bytes: stage,
+/// then errno in native byte order) and `_exit(code)`. Child side only.
+unsafe fn fail(pipe: RawFd, stage: Stage, code: i32) -> ! {
     // SAFETY: errno location, write and _exit are async-signal-safe; the
     // buffer lives on this stack frame.
     unsafe {
         let errno = (*libc::__errno_location()).to_ne_bytes();
-        libc::write(pipe, errno.as_ptr().cast(), errno.len());
+        let msg = [stage as u8, errno[0], errno[1], errno[2], errno[3]];
+        libc::write(pipe, msg.as_ptr().cast(), msg.len());
         libc::_exit(code)
     }
 }
