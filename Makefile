@@ -22,10 +22,11 @@ test-node: test-rust
 release:
 	cargo build --release
 
-# A fully static binary (static-pie, glibc linked in). Where the musl
-# target is installed, --target x86_64-unknown-linux-musl works as well.
+# A fully static binary (glibc linked in, non-PIE: no interpreter and no
+# dynamic section). Where the musl target is installed,
+# --target x86_64-unknown-linux-musl works as well.
 static:
-	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target $(STATIC_TARGET)
+	RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" cargo build --release --target $(STATIC_TARGET)
 	@echo "$(STATIC_BIN)"
 
 clean:

@@ -141,6 +141,11 @@ impl NotifySocket {
             SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
             None,
         )?;
+        if mode == NotifyMode::Dgram {
+            // Credentials ride along with every datagram; set before bind
+            // so that no datagram can arrive without them.
+            sockopt::set_socket_passcred(&fd, true)?;
+        }
         net::bind(&fd, &SocketAddrUnix::new(path)?)?;
         let sock = NotifySocket {
             fd,
@@ -148,10 +153,8 @@ impl NotifySocket {
             mode,
             streams: Vec::new(),
         };
-        match mode {
-            // Credentials ride along with every datagram.
-            NotifyMode::Dgram => sockopt::set_socket_passcred(&sock.fd, true)?,
-            NotifyMode::Stream => net::listen(&sock.fd, 128)?,
+        if mode == NotifyMode::Stream {
+            net::listen(&sock.fd, 128)?;
         }
         Ok(sock)
     }
