@@ -12,6 +12,10 @@ import net from 'node:net';
 
 const DEFAULT_FD = 3;
 const DEFAULT_GRACE_MS = 28000;
+// Node calls listen(2) again on the inherited socket, which replaces its
+// backlog; without a value Node would use 511. 4096 is containerflip's own
+// default --backlog (the kernel caps both at net.core.somaxconn).
+const INHERITED_BACKLOG = 4096;
 const DEFAULT_SIGNALS = Object.freeze(['SIGTERM']);
 
 // Idle keep-alive connections are not cut the instant a drain starts: a
@@ -153,7 +157,9 @@ export function attach(server, options = {}) {
     server.once('error', onError);
     server.once('listening', onListening);
     try {
-      server.listen(target);
+      // For a descriptor Node takes the backlog only as a separate argument.
+      if (target.fd !== undefined) server.listen(target, INHERITED_BACKLOG);
+      else server.listen(target);
     } catch (err) {
       server.removeListener('error', onError);
       server.removeListener('listening', onListening);

@@ -4,7 +4,9 @@
 
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { once } from 'node:events';
+import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
@@ -45,6 +47,23 @@ describe('serve() under a fake supervisor', () => {
     assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
     assert.deepEqual(await notifyMessagesSoFar(w.notify), ['READY=1\n']);
     assert.match(w.stderr.text(), /listening on fd 3 \(127\.0\.0\.1:\d+\)/);
+  });
+
+  test('listening on fd 3 sets the backlog to containerflip\'s default (4096), not Node\'s 511', async (t) => {
+    try {
+      execFileSync('ss', ['-V'], { stdio: 'pipe' });
+    } catch {
+      t.skip('ss (iproute2) is not installed: cannot read a listening socket\'s backlog');
+      return;
+    }
+    const w = await spawnWorker(t, WORKER);
+    await w.notify.first();
+    const out = execFileSync('ss', ['-Hltn', `sport = :${w.port}`], { encoding: 'utf8' });
+    const somaxconn = Number(fs.readFileSync('/proc/sys/net/core/somaxconn', 'utf8'));
+    const [, , sendQ] = out.trim().split(/\s+/);
+    assert.equal(Number(sendQ), Math.min(4096, somaxconn), out);
+    w.child.kill('SIGTERM');
+    assert.equal((await w.waitExit()).code, 0);
   });
 
   test('NOTIFY_SOCKET with an abstract @address', async (t) => {
