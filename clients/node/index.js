@@ -29,7 +29,10 @@ const IDLE_SWEEP_MAX_MS = 500;
 // Process-global: is any drain under way?
 let draining = false;
 
-// Per server: { marker: true, inflight: Set<ServerResponse>, drain: Promise, graceful: true }
+// Per server: whether the Connection: close marker is installed, the
+// responses it saw in flight, whether the server is draining (and the drain's
+// promise), whether gracefulDrain() set up signal handlers for it and whether
+// one of them has fired.
 const states = new WeakMap();
 
 // Signal-initiated drains still running; the process exits when none is left.
@@ -38,7 +41,7 @@ const pendingExits = new Set();
 function stateOf(server) {
   let state = states.get(server);
   if (state === undefined) {
-    state = { marker: false, inflight: null, drainPromise: null, draining: false, graceful: false };
+    state = { marker: false, inflight: null, draining: false, drainPromise: null, graceful: false, exitPending: false };
     states.set(server, state);
   }
   return state;
