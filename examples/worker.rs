@@ -275,6 +275,23 @@ impl Listener {
         })
     }
 
+    /// `tcp ADDR` or `unix PATH`, for the record.
+    fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("tcp {a}"),
+                Err(e) => format!("tcp ? ({e})"),
+            },
+            Listener::Unix(l) => match l.local_addr() {
+                Ok(a) => match a.as_pathname() {
+                    Some(p) => format!("unix {}", p.display()),
+                    None => format!("unix {a:?}"),
+                },
+                Err(e) => format!("unix ? ({e})"),
+            },
+        }
+    }
+
     fn fd(&self) -> RawFd {
         match self {
             Listener::Tcp(l) => l.as_raw_fd(),
@@ -566,7 +583,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn start_record(pid: u32, inh: &Inherited) -> Vec<u8> {
+fn start_record(pid: u32, inh: &Inherited, listeners: &[(String, Listener)]) -> Vec<u8> {
     // SAFETY: getpgrp(2) cannot fail and touches no memory.
     let pgid = unsafe { getpgrp() };
     let mut out = format!(
@@ -596,6 +613,9 @@ fn start_record(pid: u32, inh: &Inherited) -> Vec<u8> {
             out.extend(value.as_bytes());
             out.push(b'\n');
         }
+    }
+    for (from, listener) in listeners {
+        out.extend(format!("listen.{from}={}\n", listener.describe()).bytes());
     }
     let fds: Vec<String> = inh.fds.iter().map(|fd| fd.to_string()).collect();
     out.extend(
@@ -698,9 +718,10 @@ fn env_flag(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| v == "1")
 }
 
-/// The listeners: inherited ones when LISTEN_FDS is addressed to us, else
+/// The listeners, each with where it came from (its inherited fd, or
+/// `bound`): inherited ones when LISTEN_FDS is addressed to us, else
 /// 127.0.0.1:$PORT.
-fn listeners(pid: u32) -> Vec<Listener> {
+fn listeners(pid: u32) -> Vec<(String, Listener)> {
     let fds: u32 = std::env::var("LISTEN_FDS")
         .ok()
         .and_then(|n| n.parse().ok())
@@ -710,15 +731,16 @@ fn listeners(pid: u32) -> Vec<Listener> {
         return (0..fds)
             .map(|i| {
                 let fd = 3 + i as RawFd;
-                Listener::adopt(fd)
-                    .unwrap_or_else(|e| fail(&format!("fd {fd} is not a listening socket"), e))
+                let l = Listener::adopt(fd)
+                    .unwrap_or_else(|e| fail(&format!("fd {fd} is not a listening socket"), e));
+                (fd.to_string(), l)
             })
             .collect();
     }
     let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
     let addr = format!("127.0.0.1:{port}");
     match TcpListener::bind(&addr) {
-        Ok(l) => vec![Listener::Tcp(l)],
+        Ok(l) => vec![("bound".to_string(), Listener::Tcp(l))],
         Err(e) => fail(&format!("unable to bind {addr}"), e),
     }
 }
@@ -739,14 +761,13 @@ fn main() {
             .open(&path)
             .unwrap_or_else(|e| fail(&format!("unable to open {}", path.display()), e))
     }));
-    if let Some(dir) = &record_dir {
-        let path = dir.join(format!("{pid}.start"));
-        write_atomically(&path, &start_record(pid, &inh))
-            .unwrap_or_else(|e| fail(&format!("unable to write {}", path.display()), e));
-    }
-
     let signals = install_signal_handlers().unwrap_or_else(|e| fail("unable to set up signals", e));
     let listeners = listeners(pid);
+    if let Some(dir) = &record_dir {
+        let path = dir.join(format!("{pid}.start"));
+        write_atomically(&path, &start_record(pid, &inh, &listeners))
+            .unwrap_or_else(|e| fail(&format!("unable to write {}", path.display()), e));
+    }
 
     match std::env::var("WORKER_SPAWN").as_deref() {
         Err(_) | Ok("") => {}
@@ -797,7 +818,7 @@ fn main() {
         };
         let mut fds = vec![signals.as_raw_fd()];
         if serving && drain_deadline.is_none() {
-            fds.extend(listeners.iter().map(Listener::fd));
+            fds.extend(listeners.iter().map(|(_, l)| l.fd()));
         }
         let ready = poll_read(&fds, timeout).unwrap_or_else(|e| fail("poll", e));
 
@@ -861,7 +882,7 @@ fn main() {
             continue; // poll the listeners from now on
         }
 
-        for (i, listener) in listeners.iter().enumerate() {
+        for (i, (_, listener)) in listeners.iter().enumerate() {
             if !ready.get(i + 1).copied().unwrap_or(false) {
                 continue;
             }

@@ -1,0 +1,710 @@
+//! The test harness: run the real `containerflip` binary against the real
+//! example worker (`examples/worker.rs`), read what it logs and what the
+//! worker records, talk HTTP to what it serves.
+//!
+//! Nothing here sleeps to synchronise. Every wait is for an event (a log
+//! line, a file, a process exit) with a generous deadline that only exists
+//! so a broken build fails instead of hanging; no test asserts on timing.
+
+#![allow(dead_code)] // each test module uses a different part of this
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// How long any single wait may take before the test is declared hung.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_containerflip")
+}
+
+/// The example worker, built once per test run: integration tests do not
+/// build examples by themselves.
+pub fn worker() -> &'static str {
+    static BUILD: Once = Once::new();
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BUILD.call_once(|| {
+        let bin = Path::new(bin());
+        let profile_dir = bin.parent().expect("binary has a directory");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "--example", "worker"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build --example worker");
+        assert!(status.success(), "cargo build --example worker: {status}");
+        let worker = profile_dir.join("examples/worker");
+        assert!(
+            worker.exists(),
+            "{} missing after the build",
+            worker.display()
+        );
+        PATH.set(worker.to_str().expect("UTF-8 target path").to_string())
+            .unwrap();
+    });
+    PATH.get().expect("worker built")
+}
+
+/// Polls `cond` until it holds, panicking with `what` after `DEADLINE`.
+/// For conditions no event announces (a file appearing, a pid vanishing).
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Temporary directories.
+
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        // Short: unix socket paths are limited to 107 bytes.
+        let path = std::env::temp_dir().join(format!("cf-{}-{n}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// The path as a `&str` (for environment values and arguments).
+    pub fn str(&self) -> &str {
+        self.0.to_str().expect("UTF-8 temp dir")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `path` atomically (a reader sees the old or the new contents).
+pub fn write_file(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp~");
+    fs::write(&tmp, contents).expect("write file");
+    fs::rename(&tmp, path).expect("rename file");
+}
+
+// ---------------------------------------------------------------------------
+// The supervisor.
+
+/// stderr lines of a supervisor, shared with the thread that reads them.
+#[derive(Default)]
+struct Log {
+    lines: Mutex<(Vec<String>, bool)>, // lines, EOF seen
+    changed: Condvar,
+}
+
+pub struct Supervisor {
+    pub pid: u32,
+    log: Arc<Log>,
+    exit: Receiver<ExitStatus>,
+    status: Option<ExitStatus>,
+    /// Where the worker records go (`WORKER_RECORD`).
+    pub records: PathBuf,
+}
+
+impl Supervisor {
+    /// `containerflip run ARGS` with a cleared environment (PATH kept), its
+    /// control socket in `dir`, `WORKER_RECORD=dir`, and `env` on top.
+    pub fn start(dir: &TempDir, args: &[&str], env: &[(&str, &str)]) -> Supervisor {
+        let mut cmd = Command::new(bin());
+        cmd.arg("run")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("CONTAINERFLIP_CONTROL", dir.join("control.sock"))
+            .env("WORKER_RECORD", dir.path());
+        Supervisor::spawn(cmd, dir, env)
+    }
+
+    /// Like `start`, with the whole command line given (`run` not added).
+    pub fn spawn(mut cmd: Command, dir: &TempDir, env: &[(&str, &str)]) -> Supervisor {
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        // Its own process group, so Drop can kill it and anything still in
+        // its group without touching the test runner.
+        cmd.process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn containerflip");
+        let pid = child.id();
+        let log = Arc::new(Log::default());
+        let stderr = child.stderr.take().unwrap();
+        let l = Arc::clone(&log);
+        thread::spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                let n = reader.read_until(b'\n', &mut buf).unwrap_or(0);
+                let mut guard = l.lines.lock().unwrap();
+                if n == 0 {
+                    guard.1 = true;
+                    l.changed.notify_all();
+                    return;
+                }
+                let line = String::from_utf8_lossy(&buf)
+                    .trim_end_matches('\n')
+                    .to_string();
+                // Captured by the test harness, shown when a test fails.
+                eprintln!("[{pid}] {line}");
+                guard.0.push(line);
+                l.changed.notify_all();
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            if let Ok(status) = child.wait() {
+                let _ = tx.send(status);
+            }
+        });
+        Supervisor {
+            pid,
+            log,
+            exit: rx,
+            status: None,
+            records: dir.path().to_path_buf(),
+        }
+    }
+
+    /// Every stderr line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.log.lines.lock().unwrap().0.clone()
+    }
+
+    /// Waits for the first line (from the start) that matches, returns it.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_for_nth(what, 1, pred)
+    }
+
+    /// Waits for the `n`-th line that matches.
+    pub fn wait_for_nth(&self, what: &str, n: usize, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        let mut guard = self.log.lines.lock().unwrap();
+        loop {
+            if let Some(line) = guard.0.iter().filter(|l| pred(l)).nth(n - 1) {
+                return line.clone();
+            }
+            let now = Instant::now();
+            if guard.1 || now >= deadline {
+                let why = if guard.1 {
+                    "stderr closed"
+                } else {
+                    "timed out"
+                };
+                panic!("{why} waiting for {what}; log:\n{}", guard.0.join("\n"));
+            }
+            guard = self
+                .log
+                .changed
+                .wait_timeout(guard, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Waits for a line containing `needle`.
+    pub fn wait_line(&self, needle: &str) -> String {
+        self.wait_for(&format!("{needle:?}"), |l| l.contains(needle))
+    }
+
+    /// Lines containing `needle` so far.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits for a `gen N pid P <event>` line; returns P and the line.
+    pub fn wait_gen(&self, n: u64, event: &str) -> (u32, String) {
+        let prefix = format!("containerflip: gen {n} pid ");
+        let line = self.wait_for(&format!("gen {n} {event}"), |l| {
+            l.strip_prefix(&prefix)
+                .and_then(|rest| rest.split_once(' '))
+                .is_some_and(|(_, tail)| tail.starts_with(event))
+        });
+        let pid = line[prefix.len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        (pid, line)
+    }
+
+    /// Waits for generation `n` to be ready; returns its pid.
+    pub fn wait_ready(&self, n: u64) -> u32 {
+        self.wait_gen(n, "ready in ").0
+    }
+
+    /// The address of the `i`-th `listening on ADDR as fd N` line.
+    pub fn listen_addr_nth(&self, i: usize) -> String {
+        let line = self.wait_for_nth("listening on", i + 1, |l| {
+            l.starts_with("containerflip: listening on ")
+        });
+        line["containerflip: listening on ".len()..]
+            .split(" as fd ")
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
+    /// The first listener's TCP address.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr_nth(0)
+            .parse()
+            .expect("a TCP listen address")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        kill(self.pid as i32, sig);
+    }
+
+    /// Waits for the supervisor to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        if let Some(s) = self.status {
+            return s;
+        }
+        match self.exit.recv_timeout(DEADLINE) {
+            Ok(s) => {
+                self.status = Some(s);
+                // Everything it wrote is read once stderr reaches EOF
+                // (unless a leftover process holds it; then don't wait).
+                let guard = self.log.lines.lock().unwrap();
+                let _ = self
+                    .log
+                    .changed
+                    .wait_timeout_while(guard, Duration::from_secs(5), |g| !g.1);
+                s
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                panic!(
+                    "containerflip did not exit; log:\n{}",
+                    self.lines().join("\n")
+                )
+            }
+            Err(RecvTimeoutError::Disconnected) => panic!("lost the containerflip child"),
+        }
+    }
+
+    /// The pids of every generation it logged.
+    pub fn generation_pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .lines()
+            .iter()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("containerflip: gen ")?;
+                let (_, rest) = rest.split_once(" pid ")?;
+                rest.split(' ').next()?.parse().ok()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            kill(-(self.pid as i32), libc::SIGKILL);
+            let _ = self.exit.recv_timeout(DEADLINE);
+        }
+        // Workers live in their own process groups; a leftover one (a test
+        // that failed half-way) is killed with its group. Only groups that
+        // still exist with that pid as leader.
+        for pid in self.generation_pids() {
+            if process_group(pid) == Some(pid) {
+                kill(-(pid as i32), libc::SIGKILL);
+            }
+        }
+        // Grandchildren that left the group (WORKER_SPAWN=daemon).
+        if let Ok(dir) = fs::read_dir(&self.records) {
+            for entry in dir.flatten() {
+                let is_grandchild = entry
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| n.ends_with(".grandchild"));
+                if !is_grandchild {
+                    continue;
+                }
+                if let Some(pid) = read_pid(&entry.path())
+                    && is_worker_process(pid)
+                {
+                    kill(pid as i32, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+pub fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) takes no pointers; a stale pid only fails with ESRCH.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Field 5 of /proc/PID/stat: the process group, if the process exists.
+pub fn process_group(pid: u32) -> Option<u32> {
+    stat_field(pid, 5)?.parse().ok()
+}
+
+/// Field `n` (1-based, as in proc(5)) of /proc/PID/stat.
+pub fn stat_field(pid: u32, n: usize) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command (field 2) is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(n - 3).map(str::to_string)
+}
+
+/// Whether a process with this pid exists, zombies included.
+pub fn pid_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn is_worker_process(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(6).any(|w| w == b"worker"))
+}
+
+pub fn read_pid(path: &Path) -> Option<u32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+// ---------------------------------------------------------------------------
+// What the worker records (see examples/worker.rs).
+
+pub struct StartRecord {
+    pub lines: Vec<(String, String)>,
+}
+
+impl StartRecord {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.lines
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A key that must be there.
+    pub fn must(&self, key: &str) -> &str {
+        self.get(key)
+            .unwrap_or_else(|| panic!("no {key} in the start record: {:?}", self.lines))
+    }
+
+    pub fn args(&self) -> Vec<Vec<u8>> {
+        self.lines
+            .iter()
+            .filter(|(k, _)| k == "arg")
+            .map(|(_, v)| {
+                (0..v.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&v[i..i + 2], 16).unwrap())
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// Waits for `DIR/PID.start` (written atomically) and parses it.
+pub fn start_record(dir: &Path, pid: u32) -> StartRecord {
+    let path = dir.join(format!("{pid}.start"));
+    wait_until(&format!("{}", path.display()), || path.exists());
+    let text = fs::read_to_string(&path).unwrap();
+    StartRecord {
+        lines: text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// The lines of `DIR/PID.events` so far.
+pub fn events(dir: &Path, pid: u32) -> Vec<String> {
+    fs::read_to_string(dir.join(format!("{pid}.events")))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits for the event line `event` from worker `pid`.
+pub fn wait_event(dir: &Path, pid: u32, event: &str) {
+    wait_until(&format!("event {event:?} from pid {pid}"), || {
+        events(dir, pid).iter().any(|e| e == event)
+    });
+}
+
+/// Waits for `DIR/PID.grandchild`; returns the grandchild's pid.
+pub fn grandchild(dir: &Path, worker: u32) -> u32 {
+    let path = dir.join(format!("{worker}.grandchild"));
+    wait_until(&format!("{}", path.display()), || read_pid(&path).is_some());
+    read_pid(&path).unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// HTTP.
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `X-Generation` as a number (0 when missing).
+    pub fn generation(&self) -> u64 {
+        self.header("x-generation")
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn closes(&self) -> bool {
+        self.header("connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+    }
+
+    pub fn body_str(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+fn bad(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// Sends one GET on `stream` and reads the answer.
+pub fn request<S: Read + Write>(
+    stream: &mut BufReader<S>,
+    path: &str,
+    keep_alive: bool,
+) -> io::Result<Response> {
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: {connection}\r\n\r\n");
+    stream.get_mut().write_all(req.as_bytes())?;
+    read_response(stream)
+}
+
+pub fn read_response<R: Read>(stream: &mut BufReader<R>) -> io::Result<Response> {
+    let mut line = String::new();
+    if stream.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed before a response",
+        ));
+    }
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        if stream.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed in the head",
+            ));
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l
+            .split_once(':')
+            .ok_or_else(|| bad(format!("bad header {l:?}")))?;
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let mut resp = Response {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    let len: usize = resp
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    resp.body.resize(len, 0);
+    stream.read_exact(&mut resp.body)?;
+    Ok(resp)
+}
+
+pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(DEADLINE))?;
+    s.set_write_timeout(Some(DEADLINE))?;
+    Ok(s)
+}
+
+/// One request on a new connection.
+pub fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
+    request(&mut BufReader::new(connect(addr)?), path, false)
+}
+
+/// A client that keeps one connection and opens a new one only after the
+/// server said `Connection: close` (or after an error). It never retries a
+/// request: a request that fails is reported.
+pub struct KeepAlive {
+    addr: SocketAddr,
+    conn: Option<BufReader<TcpStream>>,
+    pub connections: usize,
+}
+
+impl KeepAlive {
+    pub fn new(addr: SocketAddr) -> KeepAlive {
+        KeepAlive {
+            addr,
+            conn: None,
+            connections: 0,
+        }
+    }
+
+    pub fn get(&mut self, path: &str) -> io::Result<Response> {
+        if self.conn.is_none() {
+            self.conn = Some(BufReader::new(connect(self.addr)?));
+            self.connections += 1;
+        }
+        let result = request(self.conn.as_mut().unwrap(), path, true);
+        if result.as_ref().map_or(true, Response::closes) {
+            self.conn = None;
+        }
+        result
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Load.
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    NewConnection,
+    KeepAlive,
+}
+
+/// The result of one request made under load.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The value of `Load::phase` when the request started.
+    pub phase: u32,
+    pub result: Result<Response, String>,
+}
+
+/// Client threads sending requests until stopped, or until a count or time
+/// bound (so a broken supervisor cannot make a test run away).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    pub phase: Arc<AtomicU32>,
+    done: Arc<AtomicUsize>,
+    threads: Vec<JoinHandle<Vec<Outcome>>>,
+}
+
+impl Load {
+    pub const MAX_PER_THREAD: usize = 200_000;
+    pub const MAX_TIME: Duration = Duration::from_secs(120);
+
+    pub fn start(addr: SocketAddr, threads: usize, mode: Mode) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let phase = Arc::new(AtomicU32::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, phase, done) = (stop.clone(), phase.clone(), done.clone());
+                thread::spawn(move || {
+                    let until = Instant::now() + Load::MAX_TIME;
+                    let mut client = KeepAlive::new(addr);
+                    let mut out = Vec::new();
+                    while !stop.load(Ordering::SeqCst)
+                        && out.len() < Load::MAX_PER_THREAD
+                        && Instant::now() < until
+                    {
+                        let p = phase.load(Ordering::SeqCst);
+                        let result = match mode {
+                            Mode::NewConnection => get(addr, "/"),
+                            Mode::KeepAlive => client.get("/"),
+                        };
+                        out.push(Outcome {
+                            phase: p,
+                            result: result.map_err(|e| e.to_string()),
+                        });
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                    out
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            phase,
+            done,
+            threads,
+        }
+    }
+
+    /// Requests completed so far (all threads).
+    pub fn done(&self) -> usize {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `more` requests complete after this call.
+    pub fn wait_more(&self, more: usize) {
+        let target = self.done() + more;
+        wait_until(&format!("{more} more requests"), || self.done() >= target);
+    }
+
+    pub fn stop(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.threads
+            .into_iter()
+            .flat_map(|t| t.join().expect("load thread"))
+            .collect()
+    }
+}
+
+/// Summary of a load run: failures (as text) and the generations seen.
+pub fn summarize(outcomes: &[Outcome]) -> (Vec<String>, HashSet<u64>) {
+    let mut failures = Vec::new();
+    let mut gens = HashSet::new();
+    for o in outcomes {
+        match &o.result {
+            Ok(r) if r.status / 100 == 2 => {
+                gens.insert(r.generation());
+            }
+            Ok(r) => failures.push(format!("status {}", r.status)),
+            Err(e) => failures.push(e.clone()),
+        }
+    }
+    (failures, gens)
+}
