@@ -1,3 +1,4 @@
 mod common;
+mod control;
 mod docs;
 mod run;

@@ -1,0 +1,1315 @@
+//! The control socket and the client commands (SPEC §5, §6): `deploy`
+//! progress and failures, argv carried byte-exact, `rollback`, `status` in
+//! its three forms, concurrent and abandoned deploys, hostile input on the
+//! socket, foreign uids, no supervisor at all, and `stop`.
+//!
+//! Every supervisor gets its own temp dir and control socket
+//! (`--control DIR/control.sock`, given to `run` and to every client
+//! command) and listens on `127.0.0.1:0`. Slow deploys are held by a gate:
+//! a `sh` loop that waits for a file the test creates, so nothing here
+//! depends on timing.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Instant;
+
+use crate::common::{
+    DEADLINE, Supervisor, TempDir, bin, get, kill, start_record, stat_field, worker, write_file,
+};
+
+// ---------------------------------------------------------------------------
+// Private helpers.
+
+fn control(dir: &TempDir) -> PathBuf {
+    dir.join("control.sock")
+}
+
+/// `containerflip run --listen 127.0.0.1:0 --control DIR/control.sock
+/// EXTRA -- worker`, not waiting for anything.
+fn start_with(dir: &TempDir, extra: &[&str], env: &[(&str, &str)]) -> Supervisor {
+    let ctl = control(dir);
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        ctl.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.push(worker());
+    Supervisor::start(dir, &args, env)
+}
+
+/// A supervisor whose first generation is ready; returns it, its HTTP
+/// address and gen 1's pid.
+fn start(dir: &TempDir, extra: &[&str], env: &[(&str, &str)]) -> (Supervisor, SocketAddr, u32) {
+    let sup = start_with(dir, extra, env);
+    let addr = sup.listen_addr();
+    let pid = sup.wait_ready(1);
+    (sup, addr, pid)
+}
+
+/// What a finished client command did.
+#[derive(Debug)]
+struct Out {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+
+    fn lines(&self) -> Vec<&str> {
+        self.stdout.lines().collect()
+    }
+
+    fn last(&self) -> &str {
+        self.stdout.lines().last().unwrap_or("")
+    }
+}
+
+/// A client command line: `containerflip VERB --control PATH REST`.
+fn client_cmd(ctl: &Path, verb: &str, rest: &[&OsStr]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.arg(verb)
+        .arg("--control")
+        .arg(ctl)
+        .args(rest)
+        .env_remove("CONTAINERFLIP_CONTROL")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a client command to completion.
+fn run_client(mut cmd: Command) -> Out {
+    let out = cmd.output().expect("run a containerflip client");
+    Out {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `containerflip VERB --control DIR/control.sock ARGS`.
+fn cf(dir: &TempDir, verb: &str, args: &[&str]) -> Out {
+    let rest: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    run_client(client_cmd(&control(dir), verb, &rest))
+}
+
+/// `containerflip deploy --control … -- ARGV`.
+fn deploy_cmd(dir: &TempDir, argv: &[OsString]) -> Command {
+    let mut rest: Vec<&OsStr> = Vec::new();
+    if !argv.is_empty() {
+        rest.push(OsStr::new("--"));
+        rest.extend(argv.iter().map(OsString::as_os_str));
+    }
+    client_cmd(&control(dir), "deploy", &rest)
+}
+
+/// A client command running in the background whose stdout lines are
+/// read as they come.
+struct Bg {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: thread::JoinHandle<String>,
+}
+
+impl Bg {
+    fn spawn(mut cmd: Command) -> Bg {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn a containerflip client");
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let stderr = thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        Bg {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// Waits for a stdout line containing `needle`; returns it.
+    fn wait_line(&mut self, needle: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "timed out waiting for {needle:?}; client said {:?}",
+                        self.seen
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("client exited before {needle:?}; it said {:?}", self.seen)
+                }
+            }
+        }
+    }
+
+    /// Waits for the client to exit (its stdout closes first).
+    fn finish(mut self) -> Out {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!("client did not finish; it said {:?}", self.seen);
+                }
+            }
+        }
+        let status = self.child.wait().expect("wait for the client");
+        let mut stdout = self.seen.join("\n");
+        if !stdout.is_empty() {
+            stdout.push('\n');
+        }
+        Out {
+            status,
+            stdout,
+            stderr: self.stderr.join().unwrap(),
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_some()
+    }
+}
+
+/// A command that waits for the file `gate` to exist, then `exec`s
+/// `then` (or exits with `exit_code` when `then` is empty).
+fn gated(gate: &Path, then: &[&str], exit_code: i32) -> Vec<OsString> {
+    let tail = if then.is_empty() {
+        format!("exit {exit_code}")
+    } else {
+        "shift; exec \"$@\"".to_string()
+    };
+    let script = format!("while [ ! -e \"$1\" ]; do sleep 0.02; done; {tail}");
+    let mut argv: Vec<OsString> = vec!["sh".into(), "-c".into(), script.into(), "sh".into()];
+    argv.push(gate.into());
+    argv.extend(then.iter().map(OsString::from));
+    argv
+}
+
+fn open_gate(gate: &Path) {
+    std::fs::write(gate, "").expect("create the gate file");
+}
+
+/// Parses `deployed gen N pid P`.
+fn deployed(line: &str) -> (u64, u32) {
+    let rest = line
+        .strip_prefix("deployed gen ")
+        .unwrap_or_else(|| panic!("not a 'deployed gen N pid P' line: {line:?}"));
+    let (n, pid) = rest
+        .split_once(" pid ")
+        .expect("'pid' in the deployed line");
+    (n.parse().unwrap(), pid.trim().parse().unwrap())
+}
+
+/// Parses `spawned gen N pid P`.
+fn spawned(line: &str) -> (u64, u32) {
+    let rest = line
+        .strip_prefix("spawned gen ")
+        .unwrap_or_else(|| panic!("not a 'spawned gen N pid P' line: {line:?}"));
+    let (n, pid) = rest.split_once(" pid ").expect("'pid' in the spawned line");
+    (n.parse().unwrap(), pid.trim().parse().unwrap())
+}
+
+/// `GET /` answered 200 by generation `n`.
+fn assert_served_by(addr: SocketAddr, n: u64) {
+    let r = get(addr, "/").expect("HTTP request");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.generation(), n, "served by the wrong generation: {r:?}");
+}
+
+/// After a deploy to generation `n`: once every generation in `old` has
+/// exited, `GET /` is answered by `n`. (Until then a draining worker may
+/// still take a connection it was woken for before its stop signal
+/// arrived, and answer it with `Connection: close`.)
+fn assert_switched_to(sup: &Supervisor, addr: SocketAddr, n: u64, old: &[u64]) {
+    for &o in old {
+        sup.wait_gen(o, "exited");
+    }
+    assert_served_by(addr, n);
+}
+
+/// `status --json` piped through python3's json module; `script` sees the
+/// object as `d` and prints what the test wants.
+fn status_json(dir: &TempDir, script: &str) -> String {
+    let out = cf(dir, "status", &["--json"]);
+    assert_eq!(out.code(), 0, "status --json: {out:?}");
+    assert_eq!(
+        out.stdout.lines().count(),
+        1,
+        "one JSON object on one line: {out:?}"
+    );
+    let code = format!("import json,sys\nd=json.load(sys.stdin)\n{script}");
+    let mut py = Command::new("python3")
+        .args(["-c", &code])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed to check status --json");
+    py.stdin
+        .take()
+        .unwrap()
+        .write_all(out.stdout.as_bytes())
+        .unwrap();
+    let res = py.wait_with_output().unwrap();
+    assert!(
+        res.status.success(),
+        "python3 rejected status --json: {}\nJSON: {}",
+        String::from_utf8_lossy(&res.stderr),
+        out.stdout
+    );
+    String::from_utf8(res.stdout).unwrap()
+}
+
+/// One field of the status JSON, as Python's `json.dumps` renders it.
+fn json_field(dir: &TempDir, expr: &str) -> String {
+    status_json(dir, &format!("print(json.dumps({expr}))"))
+        .trim_end()
+        .to_string()
+}
+
+/// Hex of the UTF-8 of each string in a JSON list (python side).
+const HEX_LIST: &str = "print(' '.join(a.encode('utf-8','surrogatepass').hex() or '-' for a in L))";
+
+fn hex_lossy(args: &[Vec<u8>]) -> String {
+    args.iter()
+        .map(|a| {
+            let h: String = String::from_utf8_lossy(a)
+                .bytes()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if h.is_empty() { "-".to_string() } else { h }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Whether the process has exited (a zombie, or already reaped).
+fn has_exited(pid: u32) -> bool {
+    stat_field(pid, 3).is_none_or(|s| s == "Z")
+}
+
+/// Sends raw bytes on a fresh control connection and reads everything the
+/// supervisor answers until it closes.
+fn raw_exchange(ctl: &Path, request: Vec<u8>) -> String {
+    let s = UnixStream::connect(ctl).expect("connect to the control socket");
+    exchange_on(s, request)
+}
+
+/// Writes `request` (stopping at the first error: the supervisor may close
+/// before it has read everything) while reading the answer to the end.
+fn exchange_on(s: UnixStream, request: Vec<u8>) -> String {
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.set_write_timeout(Some(DEADLINE)).unwrap();
+    let w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let _ = (&w).write_all(&request);
+    });
+    let mut reply = Vec::new();
+    if let Err(e) = (&s).read_to_end(&mut reply) {
+        // ECONNRESET after a reply is fine; a timeout is not.
+        assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the supervisor neither answered nor closed: {e}; got {:?}",
+            String::from_utf8_lossy(&reply)
+        );
+    }
+    writer.join().unwrap();
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+/// The reply is exactly one `error …` line containing `needle`.
+fn assert_error(what: &str, reply: &str, needle: &str) {
+    assert!(
+        reply.starts_with("error ") && reply.ends_with('\n') && reply.lines().count() == 1,
+        "{what}: expected one 'error …' line, got {reply:?}"
+    );
+    assert!(
+        reply.contains(needle),
+        "{what}: expected {needle:?} in {reply:?}"
+    );
+}
+
+/// The supervisor still serves HTTP from `gen` and answers `status`.
+fn assert_healthy(dir: &TempDir, addr: SocketAddr, gen_n: u64) {
+    assert_served_by(addr, gen_n);
+    let out = cf(dir, "status", &[]);
+    assert_eq!(out.code(), 0, "status: {out:?}");
+    assert!(
+        out.stdout.contains(&format!("active gen {gen_n}")),
+        "status: {out:?}"
+    );
+    let out = cf(dir, "status", &["--check"]);
+    assert_eq!(out.code(), 0, "status --check: {out:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 1. deploy: progress lines, success, failing closed.
+
+#[test]
+fn deploy_prints_progress_then_the_result() {
+    let dir = TempDir::new("ctl-progress");
+    let (sup, addr, pid1) = start(&dir, &[], &[]);
+    assert_served_by(addr, 1);
+
+    let out = cf(&dir, "deploy", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(out.stderr, "", "{out:?}");
+    let lines = out.lines();
+    let pid2 = sup.wait_ready(2);
+    assert_eq!(
+        lines.first().copied(),
+        Some(format!("spawned gen 2 pid {pid2}").as_str()),
+        "{out:?}"
+    );
+    let ready = lines
+        .iter()
+        .position(|l| l.starts_with("gen 2 ready in ") && l.ends_with(" ms"))
+        .unwrap_or_else(|| panic!("no 'gen 2 ready in N ms' line: {out:?}"));
+    let draining = lines
+        .iter()
+        .position(|l| *l == "draining gen 1")
+        .unwrap_or_else(|| panic!("no 'draining gen 1' line: {out:?}"));
+    assert!(0 < ready && ready < draining, "order: {out:?}");
+    assert_eq!(draining + 2, lines.len(), "the result comes last: {out:?}");
+    assert_eq!(out.last(), format!("deployed gen 2 pid {pid2}"), "{out:?}");
+
+    sup.wait_line(&format!("gen 1 pid {pid1} exited with status 0"));
+    assert_served_by(addr, 2);
+}
+
+#[test]
+fn failed_deploy_reports_the_exit_status_and_the_old_generation_serves() {
+    let dir = TempDir::new("ctl-fail");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let gate = dir.join("gate");
+
+    let mut bg = Bg::spawn(deploy_cmd(&dir, &gated(&gate, &[], 3)));
+    let (n, _) = spawned(&bg.wait_line("spawned gen "));
+    assert_eq!(n, 2);
+    // While gen 2 is starting, gen 1 serves and nothing else changed.
+    for _ in 0..20 {
+        assert_served_by(addr, 1);
+    }
+    assert_eq!(cf(&dir, "status", &["--check"]).code(), 0);
+    assert_eq!(
+        status_json(&dir, "print(d['active'], d['deploying'], d['serving'])").trim(),
+        "1 2 True"
+    );
+    assert!(!bg.exited(), "deploy returned before its generation ended");
+
+    open_gate(&gate);
+    let out = bg.finish();
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("deploy of gen 2 failed: exited with status 3 before READY=1"),
+        "{out:?}"
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+    assert!(!out.stdout.contains("deployed"), "{out:?}");
+    sup.wait_gen(2, "deploy failed: exited with status 3 before READY=1");
+
+    // Failed closed: gen 1 untouched, the command unchanged.
+    assert_served_by(addr, 1);
+    assert_eq!(sup.count("draining"), 0, "{:?}", sup.lines());
+    assert_eq!(
+        json_field(&dir, "d['command']"),
+        format!("[\"{}\"]", worker())
+    );
+    assert_eq!(json_field(&dir, "d['previous_command']"), "null");
+    assert_eq!(json_field(&dir, "d['counters']['deploys_failed']"), "1");
+    assert!(json_field(&dir, "d['last_failure']").contains("exited with status 3 before READY=1"));
+
+    // The next deploy uses the unchanged command and works.
+    let out = cf(&dir, "deploy", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(deployed(out.last()).0, 3);
+    assert_switched_to(&sup, addr, 3, &[1]);
+}
+
+#[test]
+fn failed_deploy_from_the_env_file_keeps_serving_throughout() {
+    let dir = TempDir::new("ctl-envfail");
+    let env = dir.join("env");
+    write_file(&env, "");
+    let (sup, addr, _) = start(&dir, &["--env-file", env.to_str().unwrap()], &[]);
+
+    // Re-read at the next spawn: the same command now fails before READY=1.
+    write_file(
+        &env,
+        "WORKER_READY_DELAY_MS=1000\nWORKER_EXIT_BEFORE_READY=42\n",
+    );
+    let mut bg = Bg::spawn(deploy_cmd(&dir, &[]));
+    let (_, pid2) = spawned(&bg.wait_line("spawned gen 2 pid "));
+    start_record(dir.path(), pid2);
+    let mut during = 0;
+    while !bg.exited() {
+        assert_served_by(addr, 1);
+        during += 1;
+        assert!(during < 100_000, "the deploy never ended");
+    }
+    let out = bg.finish();
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(
+        out.stderr.contains("exited with status 42 before READY=1"),
+        "{out:?}"
+    );
+    sup.wait_line(&format!(
+        "gen 2 pid {pid2} deploy failed: exited with status 42"
+    ));
+    assert_served_by(addr, 1);
+
+    write_file(&env, "");
+    let out = cf(&dir, "deploy", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(deployed(out.last()).0, 3, "{out:?}");
+    assert_switched_to(&sup, addr, 3, &[1]);
+}
+
+// ---------------------------------------------------------------------------
+// 2. argv byte-exact; rollback.
+
+fn awkward_args() -> Vec<OsString> {
+    vec![
+        "two words".into(),
+        "it's \"quoted\" \\ back\\slash".into(),
+        "line one\nline two\n".into(),
+        "".into(),
+        OsString::from_vec(b"\xff\xfe raw \x80 bytes".to_vec()),
+        "--control".into(),
+        "-h".into(),
+        "tab\there\r\x01\x7f".into(),
+        "$HOME `id` * ; | &".into(),
+        "ünïcødé ✓".into(),
+        "".into(),
+    ]
+}
+
+#[test]
+fn deploy_argv_arrives_byte_exact_and_rollback_returns_to_the_previous_command() {
+    let dir = TempDir::new("ctl-argv");
+    let (sup, addr, pid1) = start(&dir, &[], &[]);
+    let rec = dir.path().to_path_buf();
+    let plain: Vec<Vec<u8>> = vec![worker().as_bytes().to_vec()];
+    assert_eq!(start_record(&rec, pid1).args(), plain);
+
+    let mut fancy = vec![OsString::from(worker())];
+    fancy.extend(awkward_args());
+    let fancy_bytes: Vec<Vec<u8>> = fancy.iter().map(|a| a.as_bytes().to_vec()).collect();
+
+    let out = run_client(deploy_cmd(&dir, &fancy));
+    assert_eq!(out.code(), 0, "{out:?}");
+    let (n, pid2) = deployed(out.last());
+    assert_eq!(n, 2);
+    assert_eq!(start_record(&rec, pid2).args(), fancy_bytes);
+    assert_switched_to(&sup, addr, 2, &[1]);
+
+    // status --json carries the commands (lossy for non-UTF-8) and parses.
+    let hex = status_json(
+        &dir,
+        &format!("L=d['command']\n{HEX_LIST}\nL=d['previous_command']\n{HEX_LIST}"),
+    );
+    let mut hex = hex.lines();
+    assert_eq!(hex.next().unwrap(), hex_lossy(&fancy_bytes));
+    assert_eq!(hex.next().unwrap(), hex_lossy(&plain));
+
+    // rollback: back to the plain command.
+    let out = cf(&dir, "rollback", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(
+        out.lines().first().copied(),
+        Some(format!("rolling back to: {}", worker()).as_str()),
+        "{out:?}"
+    );
+    assert!(out.stdout.contains("spawned gen 3 pid "), "{out:?}");
+    assert!(out.stdout.contains("draining gen 2"), "{out:?}");
+    let (n, pid3) = deployed(out.last());
+    assert_eq!(n, 3);
+    assert_eq!(start_record(&rec, pid3).args(), plain);
+    assert_switched_to(&sup, addr, 3, &[2]);
+
+    // And rollback again: the awkward command, still byte-exact.
+    let out = cf(&dir, "rollback", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let (n, pid4) = deployed(out.last());
+    assert_eq!(n, 4);
+    assert_eq!(start_record(&rec, pid4).args(), fancy_bytes);
+    sup.wait_ready(4);
+}
+
+#[test]
+fn rollback_without_a_previous_command_fails_clearly() {
+    let dir = TempDir::new("ctl-norollback");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let out = cf(&dir, "rollback", &[]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(out.stderr.contains("nothing to roll back to"), "{out:?}");
+    assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+    // A deploy of the same command does not make one either.
+    let out = cf(&dir, "deploy", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let out = cf(&dir, "rollback", &[]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(out.stderr.contains("nothing to roll back to"), "{out:?}");
+    assert_eq!(sup.count(" spawned"), 2, "{:?}", sup.lines());
+    assert_switched_to(&sup, addr, 2, &[1]);
+}
+
+// ---------------------------------------------------------------------------
+// 3. status, status --json, status --check.
+
+#[test]
+fn status_table_shows_the_active_generation() {
+    let dir = TempDir::new("ctl-status");
+    let (sup, addr, pid1) = start(&dir, &[], &[]);
+    let out = cf(&dir, "status", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(out.stderr, "");
+    let s = &out.stdout;
+    assert!(s.contains(&format!("supervisor pid {}", sup.pid)), "{s}");
+    assert!(s.contains("serving (active gen 1)"), "{s}");
+    assert!(s.contains(&addr.to_string()), "{s}");
+    let row = s
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("1"))
+        .unwrap_or_else(|| panic!("no row for gen 1: {s}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols[1], pid1.to_string(), "{row}");
+    assert_eq!(cols[2], "active", "{row}");
+    assert!(
+        s.contains("deploys: 0 ok, 0 failed; crash restarts: 0"),
+        "{s}"
+    );
+
+    let out = cf(&dir, "deploy", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let (_, pid2) = deployed(out.last());
+    let out = cf(&dir, "status", &[]);
+    let s = &out.stdout;
+    assert!(s.contains("(active gen 2)"), "{s}");
+    let row = s
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("2"))
+        .unwrap_or_else(|| panic!("no row for gen 2: {s}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!((cols[1], cols[2]), (pid2.to_string().as_str(), "active"));
+    assert!(s.contains("deploys: 1 ok, 0 failed"), "{s}");
+}
+
+#[test]
+fn status_json_parses_and_has_the_fields() {
+    let dir = TempDir::new("ctl-json");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let out = cf(&dir, "deploy", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let (_, pid2) = deployed(out.last());
+    sup.wait_line("gen 1 pid");
+    let script = [
+        "print('pid', d['pid'])",
+        "print('state', d['state'], d['serving'], d['active'], d['deploying'])",
+        "c = d['counters']",
+        "print('counters', c['deploys_ok'], c['deploys_failed'], c['crash_restarts'])",
+        "print('failure', d['last_failure'])",
+        "for l in d['listeners']: print('listener', l['fd'], l['address'])",
+        "for g in d['generations']:",
+        "    if g['active']:",
+        "        print('active', g['gen'], g['pid'], g['state'], g['ready_ms'] is not None, g['status'])",
+    ]
+    .join("\n");
+    let text = status_json(&dir, &script);
+    let get_line = |key: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+            .to_string()
+    };
+    assert_eq!(get_line("pid"), sup.pid.to_string(), "{text}");
+    assert_eq!(get_line("state"), "serving True 2 None", "{text}");
+    assert_eq!(get_line("counters"), "1 0 0", "{text}");
+    assert_eq!(get_line("failure"), "None", "{text}");
+    assert_eq!(get_line("listener"), format!("3 {addr}"), "{text}");
+    assert_eq!(
+        get_line("active"),
+        format!("2 {pid2} ready True serving"),
+        "{text}"
+    );
+    assert_eq!(
+        json_field(&dir, "d['command']"),
+        format!("[\"{}\"]", worker())
+    );
+}
+
+#[test]
+fn status_check_is_1_while_the_only_generation_is_starting() {
+    let dir = TempDir::new("ctl-check-start");
+    let mut sup = start_with(
+        &dir,
+        &["--ready-timeout", "10m"],
+        &[("WORKER_NO_READY", "1")],
+    );
+    let (pid1, _) = sup.wait_gen(1, "spawned");
+    crate::common::wait_event(dir.path(), pid1, "serving");
+    let out = cf(&dir, "status", &["--check"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert_eq!(
+        status_json(
+            &dir,
+            "print(d['state'], d['serving'], d['active'], d['deploying'])"
+        )
+        .trim(),
+        "starting False None 1"
+    );
+    let out = cf(&dir, "status", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(out.stdout.contains("starting"), "{out:?}");
+
+    let out = cf(&dir, "stop", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    sup.wait_exit();
+}
+
+#[test]
+fn status_check_follows_crash_and_backoff() {
+    let dir = TempDir::new("ctl-check-crash");
+    let env = dir.join("env");
+    write_file(&env, "");
+    let (sup, addr, pid1) = start(&dir, &["--env-file", env.to_str().unwrap()], &[]);
+    let out = cf(&dir, "status", &["--check"]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(out.stdout.contains("gen 1 is serving"), "{out:?}");
+
+    // From now on every restart fails before READY=1: the supervisor keeps
+    // backing off and nothing is ready, whenever we look.
+    write_file(&env, "WORKER_EXIT_BEFORE_READY=5\n");
+    kill(pid1 as i32, libc::SIGKILL);
+    sup.wait_line(&format!("gen 1 pid {pid1} crashed"));
+    sup.wait_for("a crash restart failing", |l| {
+        l.contains("deploy failed: exited with status 5 before READY=1")
+    });
+    let out = cf(&dir, "status", &["--check"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(out.stderr.contains("no ready generation"), "{out:?}");
+    assert_eq!(
+        status_json(
+            &dir,
+            "print(d['serving'], d['active'], d['counters']['crash_restarts'], d['counters']['deploys_failed'] >= 1)"
+        )
+        .trim(),
+        "False None 1 True"
+    );
+
+    // A deploy while nothing is ready starts at once and brings it back.
+    write_file(&env, "");
+    let out = cf(&dir, "deploy", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let (n, _) = deployed(out.last());
+    let out = cf(&dir, "status", &["--check"]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_served_by(addr, n);
+}
+
+// ---------------------------------------------------------------------------
+// 4. Concurrent deploys; a deploy client killed mid-deploy.
+
+#[test]
+fn concurrent_deploys_queue_into_one_and_all_report_it() {
+    let dir = TempDir::new("ctl-concurrent");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let gate = dir.join("gate");
+    let rec = dir.path().to_path_buf();
+
+    let mut slow = Bg::spawn(deploy_cmd(&dir, &gated(&gate, &[worker()], 0)));
+    assert_eq!(spawned(&slow.wait_line("spawned gen ")).0, 2);
+
+    // Three more while gen 2 is starting, each with its own command: they
+    // collapse into one deploy with the newest command (SPEC §5.4).
+    let mut waiting = Vec::new();
+    for tag in ["b", "c", "d"] {
+        let argv = vec![OsString::from(worker()), OsString::from(tag)];
+        let mut bg = Bg::spawn(deploy_cmd(&dir, &argv));
+        bg.wait_line("queued");
+        waiting.push(bg);
+    }
+    assert_served_by(addr, 1);
+    open_gate(&gate);
+
+    let out = slow.finish();
+    assert_eq!(out.code(), 0, "{out:?}");
+    let (n, _) = deployed(out.last());
+    assert_eq!(n, 2);
+
+    let results: Vec<Out> = waiting.into_iter().map(Bg::finish).collect();
+    for out in &results {
+        assert_eq!(out.code(), 0, "{out:?}");
+        assert!(out.last().starts_with("deployed gen "), "{out:?}");
+        assert_eq!(
+            out.last(),
+            results[0].last(),
+            "same result for all: {results:?}"
+        );
+    }
+    let (n, pid3) = deployed(results[0].last());
+    assert_eq!(n, 3, "{results:?}");
+    let args = start_record(&rec, pid3).args();
+    assert_eq!(args, vec![worker().as_bytes().to_vec(), b"d".to_vec()]);
+    assert_switched_to(&sup, addr, 3, &[1, 2]);
+    assert_eq!(
+        sup.count(" spawned"),
+        3,
+        "one deploy for the three: {:?}",
+        sup.lines()
+    );
+    assert_eq!(json_field(&dir, "d['counters']['deploys_ok']"), "2");
+}
+
+#[test]
+fn a_killed_deploy_client_does_not_cancel_the_deploy() {
+    let dir = TempDir::new("ctl-killclient");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let gate = dir.join("gate");
+
+    let mut bg = Bg::spawn(deploy_cmd(&dir, &gated(&gate, &[worker()], 0)));
+    let (n, pid2) = spawned(&bg.wait_line("spawned gen "));
+    assert_eq!(n, 2);
+    bg.child.kill().expect("SIGKILL the deploy client");
+    let out = bg.finish();
+    assert_eq!(out.status.code(), None, "killed by a signal: {out:?}");
+
+    assert_served_by(addr, 1);
+    open_gate(&gate);
+    assert_eq!(sup.wait_ready(2), pid2);
+    sup.wait_gen(1, "draining");
+    assert_switched_to(&sup, addr, 2, &[1]);
+    assert_eq!(
+        status_json(&dir, "print(d['active'], d['counters']['deploys_ok'])").trim(),
+        "2 1"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 5. Hostile input on the control socket.
+
+#[test]
+fn bad_requests_get_an_error_line_and_change_nothing() {
+    let dir = TempDir::new("ctl-bad");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let ctl = control(&dir);
+
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "wrong protocol version",
+            b"containerflip/2 status\n\n".to_vec(),
+            "unsupported protocol 'containerflip/2'",
+        ),
+        (
+            "version 0",
+            b"containerflip/0 deploy\n\n".to_vec(),
+            "unsupported protocol",
+        ),
+        (
+            "unknown verb",
+            b"containerflip/1 frobnicate\n\n".to_vec(),
+            "unknown request 'frobnicate'",
+        ),
+        (
+            "garbage bytes",
+            b"\x00\x01\xff\xfe\x80 garbage\x1b[0m\n\n".to_vec(),
+            "not UTF-8",
+        ),
+        ("words", b"hello world\n\n".to_vec(), "unsupported protocol"),
+        ("an empty line", b"\n".to_vec(), "unsupported protocol"),
+        (
+            "a bad status format",
+            b"containerflip/1 status xml\n\n".to_vec(),
+            "does not take",
+        ),
+        (
+            "too many words",
+            b"containerflip/1 status json please\n\n".to_vec(),
+            "too many words",
+        ),
+        (
+            "bad hex",
+            b"containerflip/1 deploy\narg zz\n\n".to_vec(),
+            "not valid hex",
+        ),
+        (
+            "odd hex",
+            b"containerflip/1 deploy\narg 616\n\n".to_vec(),
+            "not valid hex",
+        ),
+        (
+            "a stray line",
+            b"containerflip/1 deploy\nexec /bin/sh\n\n".to_vec(),
+            "arg HEX",
+        ),
+        (
+            "an empty command",
+            b"containerflip/1 deploy\narg \n\n".to_vec(),
+            "empty",
+        ),
+        (
+            "stop with arguments",
+            b"containerflip/1 stop\narg 61\n\n".to_vec(),
+            "takes no arguments",
+        ),
+        (
+            "rollback with arguments",
+            b"containerflip/1 rollback\narg 61\n\n".to_vec(),
+            "takes no arguments",
+        ),
+    ];
+    for (what, req, needle) in cases {
+        let reply = raw_exchange(&ctl, req);
+        assert_error(what, &reply, needle);
+    }
+
+    // Over the argument count bound.
+    let mut many = b"containerflip/1 deploy\n".to_vec();
+    for _ in 0..5000 {
+        many.extend_from_slice(b"arg 61\n");
+    }
+    many.push(b'\n');
+    assert_error(
+        "5000 arguments",
+        &raw_exchange(&ctl, many),
+        "more than 4096 arguments",
+    );
+
+    // Over the size bound: one endless line, and valid-looking arg lines.
+    let mut big = b"containerflip/1 deploy\narg ".to_vec();
+    big.extend(std::iter::repeat_n(b'6', 300 * 1024));
+    assert_error(
+        "300 KiB line",
+        &raw_exchange(&ctl, big),
+        "request larger than 262144 bytes",
+    );
+    let mut big = b"containerflip/1 deploy\narg 2f62696e2f7368\n".to_vec();
+    let word = format!("arg {}\n", "61".repeat(1000));
+    while big.len() < 300 * 1024 {
+        big.extend_from_slice(word.as_bytes());
+    }
+    big.push(b'\n');
+    assert_error(
+        "300 KiB of args",
+        &raw_exchange(&ctl, big),
+        "request larger than 262144 bytes",
+    );
+
+    // Random bytes: an error line, or closed, never a result.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let noise: Vec<u8> = (0..64 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .chain(*b"\n\n")
+        .collect();
+    let reply = raw_exchange(&ctl, noise);
+    assert!(
+        reply.is_empty() || (reply.starts_with("error ") && reply.lines().count() == 1),
+        "noise: {reply:?}"
+    );
+
+    // None of it deployed, stopped or rolled back anything.
+    assert_healthy(&dir, addr, 1);
+    assert_eq!(sup.count(" spawned"), 1, "{:?}", sup.lines());
+    assert_eq!(
+        status_json(
+            &dir,
+            "print(d['counters']['deploys_ok'], d['counters']['deploys_failed'])"
+        )
+        .trim(),
+        "0 0"
+    );
+}
+
+#[test]
+fn a_half_written_request_is_closed_and_blocks_nobody() {
+    let dir = TempDir::new("ctl-half");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let s = UnixStream::connect(control(&dir)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    (&s).write_all(b"containerflip/1 sta").unwrap();
+
+    // Meanwhile the supervisor answers everybody else.
+    assert_healthy(&dir, addr, 1);
+    let out = cf(&dir, "deploy", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_switched_to(&sup, addr, 2, &[1]);
+
+    let mut reply = String::new();
+    (&s).read_to_string(&mut reply)
+        .expect("the supervisor closes a silent client (no timeout here)");
+    assert_error("half a request", &reply, "no complete request in time");
+}
+
+#[test]
+fn two_hundred_clients_at_once_are_all_answered() {
+    let dir = TempDir::new("ctl-200");
+    let (sup, addr, pid1) = start(&dir, &[], &[]);
+    let ctl = control(&dir);
+    let barrier = Arc::new(Barrier::new(200));
+    let threads: Vec<_> = (0..200)
+        .map(|i| {
+            let (ctl, barrier) = (ctl.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                let param = ["text", "json", "check"][i % 3];
+                raw_exchange(
+                    &ctl,
+                    format!("containerflip/1 status {param}\n\n").into_bytes(),
+                )
+            })
+        })
+        .collect();
+    for t in threads {
+        let reply = t.join().unwrap();
+        let last = reply.lines().last().unwrap_or("");
+        assert!(last.starts_with("ok"), "a status reply: {reply:?}");
+        assert!(
+            reply.contains(&pid1.to_string()) || reply.contains("gen 1 is serving"),
+            "{reply:?}"
+        );
+    }
+    assert_healthy(&dir, addr, 1);
+    assert_eq!(sup.count(" spawned"), 1);
+}
+
+#[test]
+fn two_hundred_silent_clients_do_not_lock_out_status() {
+    let dir = TempDir::new("ctl-200idle");
+    let (_sup, addr, _) = start(&dir, &[], &[]);
+    let ctl = control(&dir);
+    let idle: Vec<UnixStream> = (0..200)
+        .map(|_| UnixStream::connect(&ctl).expect("connect an idle client"))
+        .collect();
+    // HTTP does not go through the control socket at all.
+    assert_served_by(addr, 1);
+    // The idle ones are closed after the request timeout; then status is
+    // served (the deadline here is only a safety net).
+    let out = cf(&dir, "status", &["--check"]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    for s in &idle {
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut reply = String::new();
+        (&*s).read_to_string(&mut reply).expect("closed in time");
+        assert_error("an idle client", &reply, "no complete request in time");
+    }
+    assert_healthy(&dir, addr, 1);
+}
+
+// ---------------------------------------------------------------------------
+// 6. Another uid.
+
+const NOBODY: u32 = 65534;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `raw_exchange` from a thread running as uid/gid 65534. The raw
+/// setresuid(2)/setresgid(2) system calls (unlike the libc wrappers)
+/// change the calling thread's credentials only, and the thread ends
+/// here, so the rest of the test binary stays root. `Err` when connect
+/// itself fails.
+fn raw_exchange_as_nobody(ctl: &Path, request: &[u8]) -> std::io::Result<String> {
+    thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: plain system calls with integer arguments; they only
+            // affect this thread, which does nothing else afterwards.
+            unsafe {
+                assert_eq!(
+                    libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
+                    0
+                );
+                assert_eq!(
+                    libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
+                    0
+                );
+                assert_eq!(
+                    libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
+                    0
+                );
+            }
+            let s = UnixStream::connect(ctl)?;
+            Ok(exchange_on(s, request.to_vec()))
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// A temp dir others may traverse, with a supervisor in it.
+fn start_for_other_uids(name: &str) -> (TempDir, Supervisor, SocketAddr) {
+    let dir = TempDir::new(name);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let mode = std::fs::metadata(control(&dir))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode");
+    (dir, sup, addr)
+}
+
+#[test]
+fn a_connection_from_another_uid_is_refused_by_peer_credentials() {
+    if !is_root() {
+        println!("skipped: needs root to connect as another uid");
+        return;
+    }
+    let (dir, sup, addr) = start_for_other_uids("ctl-peercred");
+    let ctl = control(&dir);
+
+    // Mode 0600: the kernel already says no.
+    let err = raw_exchange_as_nobody(&ctl, b"containerflip/1 status\n\n")
+        .expect_err("uid 65534 connected to a 0600 socket");
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+
+    // Opened up, the connection gets through and SO_PEERCRED refuses it.
+    std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o666)).unwrap();
+    for req in [
+        &b"containerflip/1 status json\n\n"[..],
+        b"containerflip/1 deploy\narg 2f62696e2f66616c7365\n\n",
+        b"containerflip/1 rollback\n\n",
+        b"containerflip/1 stop\n\n",
+    ] {
+        let reply = raw_exchange_as_nobody(&ctl, req).expect("connect with mode 0666");
+        assert_eq!(
+            reply,
+            "error permission denied: uid 65534 may not control this supervisor\n",
+            "{}",
+            String::from_utf8_lossy(req)
+        );
+    }
+    sup.wait_for("a refusal warning", |l| {
+        l.contains("refused") && l.contains("uid 65534")
+    });
+    assert_healthy(&dir, addr, 1);
+    assert_eq!(sup.count(" spawned"), 1, "{:?}", sup.lines());
+}
+
+#[test]
+#[ignore = "client bug: the client writes its request after the supervisor refused and \
+            closed, and reports 'connection ... lost: Broken pipe' instead of reading \
+            the 'error permission denied' line (most runs)"]
+fn a_client_command_as_another_uid_is_refused() {
+    if !is_root() {
+        println!("skipped: needs root to run a client as another uid");
+        return;
+    }
+    let probe = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            bin(),
+            "--version",
+        ])
+        .output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        println!(
+            "skipped: setpriv cannot run {} as uid 65534: {probe:?}",
+            bin()
+        );
+        return;
+    }
+    let (dir, sup, addr) = start_for_other_uids("ctl-uid");
+    let ctl = control(&dir);
+    let as_nobody = |verb: &str| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            bin(),
+            verb,
+        ])
+        .arg("--control")
+        .arg(&ctl)
+        .env_remove("CONTAINERFLIP_CONTROL");
+        run_client(cmd)
+    };
+
+    // Mode 0600: connect fails; the client names the path.
+    let out = as_nobody("status");
+    assert_ne!(out.code(), 0, "{out:?}");
+    assert!(out.stderr.contains(ctl.to_str().unwrap()), "{out:?}");
+
+    std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o666)).unwrap();
+    for verb in ["status", "deploy", "rollback", "stop"] {
+        let out = as_nobody(verb);
+        assert_eq!(out.code(), 1, "{verb}: {out:?}");
+        assert!(out.stderr.contains("permission denied"), "{verb}: {out:?}");
+        assert_eq!(out.stdout, "", "{verb}: {out:?}");
+    }
+    sup.wait_for("a refusal warning", |l| {
+        l.contains("refused") && l.contains("uid 65534")
+    });
+    assert_healthy(&dir, addr, 1);
+    assert_eq!(sup.count(" spawned"), 1, "{:?}", sup.lines());
+}
+
+// ---------------------------------------------------------------------------
+// 7. No supervisor.
+
+#[test]
+fn every_client_command_without_a_supervisor_exits_3_naming_the_path() {
+    let dir = TempDir::new("ctl-none");
+    let missing = dir.join("nobody-here.sock");
+    let stale = dir.join("stale.sock");
+    drop(UnixListener::bind(&stale).unwrap()); // the file stays, nobody listens
+    let plain_file = dir.join("plain-file");
+    std::fs::write(&plain_file, "").unwrap();
+    let no_dir = dir.join("no-such-dir/control.sock");
+
+    let commands: [&[&str]; 7] = [
+        &["deploy"],
+        &["deploy", "--", "true"],
+        &["rollback"],
+        &["status"],
+        &["status", "--json"],
+        &["status", "--check"],
+        &["stop"],
+    ];
+    for path in [&missing, &stale, &plain_file, &no_dir] {
+        for argv in commands {
+            let (verb, rest) = argv.split_first().unwrap();
+            let rest: Vec<&OsStr> = rest.iter().map(OsStr::new).collect();
+            let out = run_client(client_cmd(path, verb, &rest));
+            assert_eq!(out.code(), 3, "{argv:?} at {}: {out:?}", path.display());
+            assert_eq!(out.stdout, "", "{argv:?}: {out:?}");
+            assert_eq!(out.stderr.lines().count(), 1, "one line: {out:?}");
+            assert!(
+                out.stderr.contains(path.to_str().unwrap()),
+                "{argv:?}: names the path: {out:?}"
+            );
+        }
+    }
+
+    // The default path comes from $CONTAINERFLIP_CONTROL.
+    for verb in ["deploy", "rollback", "status", "stop"] {
+        let out = run_client({
+            let mut cmd = Command::new(bin());
+            cmd.arg(verb).env("CONTAINERFLIP_CONTROL", &missing);
+            cmd
+        });
+        assert_eq!(out.code(), 3, "{verb}: {out:?}");
+        assert!(out.stderr.contains(missing.to_str().unwrap()), "{out:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "one line: {out:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// stop.
+
+#[test]
+fn stop_prints_the_supervisor_exit_status() {
+    let dir = TempDir::new("ctl-stop");
+    let (mut sup, _addr, pid1) = start(&dir, &[], &[]);
+    let out = cf(&dir, "stop", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(out.stdout, "supervisor exited with status 0\n", "{out:?}");
+    assert_eq!(out.stderr, "", "{out:?}");
+    assert_eq!(sup.wait_exit().code(), Some(0));
+    assert!(has_exited(pid1));
+    assert!(!control(&dir).exists(), "the control socket is removed");
+    assert_eq!(cf(&dir, "status", &[]).code(), 3);
+}
+
+#[test]
+#[ignore = "supervisor bug: the client returns on the 'ok exited with status N' line, \
+            which the supervisor sends before it exits; it is still running then (every run)"]
+fn stop_returns_only_after_the_supervisor_exited() {
+    let dir = TempDir::new("ctl-stopgone");
+    let (mut sup, _addr, _) = start(&dir, &[], &[]);
+    let out = cf(&dir, "stop", &[]);
+    let gone = has_exited(sup.pid);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(gone, "the supervisor was still running when stop returned");
+    assert_eq!(sup.wait_exit().code(), Some(0));
+}
+
+#[test]
+fn stop_reports_a_nonzero_exit_status() {
+    let dir = TempDir::new("ctl-stop137");
+    // The worker ignores SIGTERM, so the drain deadline kills it: the
+    // supervisor exits 128 + SIGKILL.
+    let (mut sup, _addr, pid1) = start(
+        &dir,
+        &["--drain-timeout", "1s"],
+        &[("WORKER_IGNORE_TERM", "1")],
+    );
+    let out = cf(&dir, "stop", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(out.last(), "supervisor exited with status 137", "{out:?}");
+    assert_eq!(sup.wait_exit().code(), Some(137));
+    assert!(has_exited(pid1));
+}
+
+#[test]
+fn stop_during_a_deploy_tells_the_deploy_client() {
+    let dir = TempDir::new("ctl-stopdeploy");
+    let (mut sup, _addr, _) = start(&dir, &[], &[]);
+    let gate = dir.join("gate");
+    let mut bg = Bg::spawn(deploy_cmd(&dir, &gated(&gate, &[worker()], 0)));
+    bg.wait_line("spawned gen 2");
+    let stop = cf(&dir, "stop", &[]);
+    assert_eq!(stop.code(), 0, "{stop:?}");
+    let out = bg.finish();
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(out.stderr.contains("the supervisor is stopping"), "{out:?}");
+    sup.wait_exit();
+}
