@@ -1,4 +1,5 @@
 mod common;
 mod control;
 mod docs;
+mod init;
 mod run;
