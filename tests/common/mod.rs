@@ -119,6 +119,14 @@ struct Log {
     changed: Condvar,
 }
 
+impl Log {
+    /// The lines, even after a panicking test poisoned the lock (Drop
+    /// still has to clean up then).
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<String>, bool)> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 pub struct Supervisor {
     pub pid: u32,
     log: Arc<Log>,
@@ -164,7 +172,7 @@ impl Supervisor {
             loop {
                 buf.clear();
                 let n = reader.read_until(b'\n', &mut buf).unwrap_or(0);
-                let mut guard = l.lines.lock().unwrap();
+                let mut guard = l.lock();
                 if n == 0 {
                     guard.1 = true;
                     l.changed.notify_all();
@@ -196,7 +204,7 @@ impl Supervisor {
 
     /// Every stderr line so far.
     pub fn lines(&self) -> Vec<String> {
-        self.log.lines.lock().unwrap().0.clone()
+        self.log.lock().0.clone()
     }
 
     /// Waits for the first line (from the start) that matches, returns it.
@@ -207,7 +215,7 @@ impl Supervisor {
     /// Waits for the `n`-th line that matches.
     pub fn wait_for_nth(&self, what: &str, n: usize, pred: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + DEADLINE;
-        let mut guard = self.log.lines.lock().unwrap();
+        let mut guard = self.log.lock();
         loop {
             if let Some(line) = guard.0.iter().filter(|l| pred(l)).nth(n - 1) {
                 return line.clone();
@@ -219,13 +227,15 @@ impl Supervisor {
                 } else {
                     "timed out"
                 };
-                panic!("{why} waiting for {what}; log:\n{}", guard.0.join("\n"));
+                let log = guard.0.join("\n");
+                drop(guard); // not poisoned: Drop reads it again
+                panic!("{why} waiting for {what}; log:\n{log}");
             }
             guard = self
                 .log
                 .changed
                 .wait_timeout(guard, deadline - now)
-                .unwrap()
+                .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
     }
@@ -295,7 +305,7 @@ impl Supervisor {
                 self.status = Some(s);
                 // Everything it wrote is read once stderr reaches EOF
                 // (unless a leftover process holds it; then don't wait).
-                let guard = self.log.lines.lock().unwrap();
+                let guard = self.log.lock();
                 let _ = self
                     .log
                     .changed
