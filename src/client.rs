@@ -42,11 +42,22 @@ pub fn rollback(control: Option<PathBuf>) -> i32 {
 }
 
 pub fn status(control: Option<PathBuf>, json: bool, check: bool) -> i32 {
-    let param = match (check, json) {
-        (true, _) => "check",
-        (false, true) => "json",
-        (false, false) => "text",
-    };
+    if check {
+        // A health check: the verdict on stdout whichever way it goes.
+        let req = control::encode_request("status", Some("check"), None);
+        return match exchange(control, &req, Some(Duration::from_secs(30)), &mut |_, _| {}) {
+            Ok(Outcome::Ok(text)) => {
+                println!("{text}");
+                0
+            }
+            Ok(Outcome::Failed(text)) => {
+                println!("{text}");
+                1
+            }
+            other => finish(other),
+        };
+    }
+    let param = if json { "json" } else { "text" };
     let req = control::encode_request("status", Some(param), None);
     finish(exchange(
         control,
@@ -62,8 +73,25 @@ pub fn status(control: Option<PathBuf>, json: bool, check: bool) -> i32 {
 
 pub fn stop(control: Option<PathBuf>) -> i32 {
     let req = control::encode_request("stop", None, None);
-    match exchange(control, &req, None, &mut |_, _| {}) {
+    let mut supervisor = None;
+    let result = exchange_with(control, &req, None, &mut |_, _| {}, &mut |stream| {
+        // Learn who answers so that we can wait for it to be gone: the
+        // last line comes just before the supervisor exits, not after.
+        supervisor = rustix::net::sockopt::socket_peercred(stream)
+            .ok()
+            .and_then(|cred| {
+                rustix::process::pidfd_open(cred.pid, rustix::process::PidfdFlags::empty()).ok()
+            });
+    });
+    match result {
         Ok(Outcome::Ok(text)) => {
+            if let Some(pidfd) = supervisor {
+                let mut fds = [rustix::event::PollFd::new(
+                    &pidfd,
+                    rustix::event::PollFlags::IN,
+                )];
+                while let Err(rustix::io::Errno::INTR) = rustix::event::poll(&mut fds, None) {}
+            }
             // "exited with status N": the supervisor's own exit status.
             println!("supervisor {text}");
             0
@@ -99,6 +127,17 @@ fn exchange(
     timeout: Option<Duration>,
     each: &mut dyn FnMut(&str, &str),
 ) -> Result<Outcome, (i32, String)> {
+    exchange_with(path, request, timeout, each, &mut |_| {})
+}
+
+/// [`exchange`], calling `connected` with the stream first.
+fn exchange_with(
+    path: Option<PathBuf>,
+    request: &[u8],
+    timeout: Option<Duration>,
+    each: &mut dyn FnMut(&str, &str),
+    connected: &mut dyn FnMut(&UnixStream),
+) -> Result<Outcome, (i32, String)> {
     let path = path.unwrap_or_else(control::default_path);
     let shown = path.display().to_string();
     let stream = connect(&path).map_err(|e| {
@@ -119,7 +158,10 @@ fn exchange(
             ),
         )
     };
-    (&stream).write_all(request).map_err(lost)?;
+    connected(&stream);
+    // A refused peer gets one `error` line and a closed connection, maybe
+    // before our request is written: on a write error, still read it.
+    let write_error = (&stream).write_all(request).err();
     let give_up = timeout.map(|t| (Instant::now() + t, t));
     let mut reader = BufReader::new(&stream);
     let mut line = Vec::new();
@@ -139,6 +181,9 @@ fn exchange(
         }
         line.clear();
         match reader.read_until(b'\n', &mut line) {
+            Ok(0) if write_error.is_some() => {
+                return Err(lost(write_error.expect("checked")));
+            }
             Ok(0) => {
                 return Err((
                     1,
@@ -154,7 +199,7 @@ fn exchange(
             {
                 continue;
             }
-            Err(e) => return Err(lost(e)),
+            Err(e) => return Err(lost(write_error.unwrap_or(e))),
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches('\n');

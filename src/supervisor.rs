@@ -102,7 +102,10 @@ struct Stopping {
     clean: bool,
     /// A second TERM/INT: everything got SIGKILL.
     forced: bool,
-    /// Non-generation children (setsid daemons) get SIGKILL at this time.
+    /// Non-generation children (setsid daemons) are still alive; the
+    /// exit waits for them.
+    strays: bool,
+    /// Strays left at this time get SIGKILL.
     orphan_deadline: Option<Instant>,
     /// `stop` clients to tell the exit status.
     waiters: Vec<ClientId>,
@@ -303,7 +306,7 @@ impl Supervisor {
 
     fn finished(&self) -> Option<i32> {
         let stop = self.stop.as_ref()?;
-        if !self.gens.is_empty() || stop.orphan_deadline.is_some() {
+        if !self.gens.is_empty() || stop.strays {
             return None;
         }
         Some(self.exit_code.unwrap_or(match stop.active_exit {
@@ -711,6 +714,14 @@ impl Supervisor {
             }
         }
         self.sweep();
+        // While stopping, a reaped stray may have been the last one.
+        if let Some(stop) = self.stop.as_mut()
+            && stop.strays
+            && orphans(&self.gens).is_empty()
+        {
+            stop.strays = false;
+            stop.orphan_deadline = None;
+        }
     }
 
     /// Generation `n`'s worker exited with `exit`.
@@ -836,6 +847,7 @@ impl Supervisor {
         if let Some(stop) = self.stop.as_mut()
             && stop.orphan_deadline.is_some_and(|t| t <= now)
         {
+            // They stay `strays` until reaped: the exit waits for that.
             stop.orphan_deadline = None;
             for pid in orphans(&self.gens) {
                 warn!("pid {pid} killed at drain deadline (left behind by a worker)");
@@ -923,6 +935,7 @@ impl Supervisor {
             active_exit: None,
             clean: true,
             forced: false,
+            strays: !strays.is_empty(),
             orphan_deadline: (!strays.is_empty()).then(|| now + drain),
             waiters: Vec::new(),
         });

@@ -206,11 +206,20 @@ fn exec_child(plan: &ChildPlan<'_>) -> ! {
     unsafe {
         // Default dispositions first, while every signal is still blocked:
         // Rust ignores SIGPIPE and an ignored disposition survives exec.
-        let mut dfl = std::mem::zeroed::<libc::sigaction>();
-        dfl.sa_sigaction = libc::SIG_DFL;
+        // The raw system call, because glibc's sigaction refuses the
+        // signals it reserves (32, 33) which a parent may still have
+        // ignored. All-zero is SIG_DFL, no flags, empty mask in every
+        // architecture's kernel layout.
+        let dfl = [0u64; 4];
         for sig in 1..NSIG {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig as libc::c_long,
+                    dfl.as_ptr(),
+                    std::ptr::null_mut::<u64>(),
+                    8 as libc::c_long,
+                );
             }
         }
         // The generation's own process group, so a drain deadline can
