@@ -42,7 +42,9 @@
 //!
 //! Every request gets `200 OK`, body `gen G pid P\n`, headers
 //! `X-Generation: $CONTAINERFLIP_GENERATION` and `X-Pid`. `/slow?ms=N`
-//! answers after N milliseconds. HTTP/1.1 keep-alive is the default;
+//! answers after N milliseconds; `/until-drain` answers once this worker
+//! has started draining (a request that is in flight for sure when the
+//! drain starts, for tests). HTTP/1.1 keep-alive is the default;
 //! HTTP/1.0 without `Connection: keep-alive`, or `Connection: close`, closes.
 //!
 //! # Environment
@@ -74,7 +76,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{self, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------
@@ -349,13 +351,30 @@ impl Write for Conn {
 struct Shared {
     generation: String,
     pid: u32,
+    /// Set once, when the drain starts; `drain_started` is notified then.
     draining: AtomicBool,
+    drain_lock: Mutex<()>,
+    drain_started: Condvar,
     /// Open connections: a duplicate to shut it down at the grace deadline,
     /// and whether a request is being answered on it right now.
     conns: Mutex<HashMap<u64, (Conn, bool)>>,
 }
 
 impl Shared {
+    fn start_draining(&self) {
+        let _guard = self.drain_lock.lock().unwrap();
+        self.draining.store(true, Ordering::SeqCst);
+        self.drain_started.notify_all();
+    }
+
+    fn wait_for_drain(&self) {
+        let guard = self.drain_lock.lock().unwrap();
+        let _unused = self
+            .drain_started
+            .wait_while(guard, |_| !self.draining.load(Ordering::SeqCst))
+            .unwrap();
+    }
+
     fn set_busy(&self, id: u64, busy: bool) {
         if let Some(entry) = self.conns.lock().unwrap().get_mut(&id) {
             entry.1 = busy;
@@ -460,6 +479,8 @@ fn serve_request(shared: &Shared, id: u64, reader: &mut BufReader<Conn>) -> io::
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         std::thread::sleep(Duration::from_millis(ms));
+    } else if path == "/until-drain" {
+        shared.wait_for_drain();
     }
     let body = format!("gen {} pid {}\n", shared.generation, shared.pid);
     // Decided after the work is done: a request in flight when the drain
@@ -796,6 +817,8 @@ fn main() {
         generation: std::env::var("CONTAINERFLIP_GENERATION").unwrap_or_default(),
         pid,
         draining: AtomicBool::new(false),
+        drain_lock: Mutex::new(()),
+        drain_started: Condvar::new(),
         conns: Mutex::new(HashMap::new()),
     });
     let exit = |code: i32| {
@@ -843,7 +866,7 @@ fn main() {
                 let stop = sig == SIGINT || (sig == SIGTERM && !ignore_term);
                 if stop && drain_deadline.is_none() {
                     drain_deadline = Some(Instant::now() + grace);
-                    shared.draining.store(true, Ordering::SeqCst);
+                    shared.start_draining();
                 }
             }
         }

@@ -679,32 +679,43 @@ fn sighup_deploys_even_when_the_supervisor_inherited_it_ignored() {
 }
 
 /// A request in flight when the drain starts is answered by the old
-/// generation, with `Connection: close`.
+/// generation, with `Connection: close`; so is a `/slow` one.
 #[test]
 fn in_flight_request_finishes_during_drain() {
     let dir = TempDir::new("inflight");
     let sup = Supervisor::start(&dir, &worker_args(&[]), &[]);
     let addr = sup.listen_addr();
     let p1 = sup.wait_ready(1);
-    let (tx, rx) = mpsc::channel();
-    let slow = thread::spawn(move || {
+    // Two connections, each pinned to gen 1 by a first answer.
+    let mut pinned = Vec::new();
+    for _ in 0..2 {
         let mut c = BufReader::new(connect(addr).unwrap());
-        c.get_mut()
-            .write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: t\r\n\r\n")
-            .unwrap();
-        tx.send(()).unwrap();
-        read_response(&mut c)
-    });
-    rx.recv().unwrap();
-    // The request is on its way; gen 1 is the only one accepting.
+        assert_eq!(request(&mut c, "/", true).unwrap().generation(), 1);
+        pinned.push(c);
+    }
+    // `/until-drain` answers only once gen 1 drains: certainly in flight.
+    let mut waiting = pinned.pop().unwrap();
+    waiting
+        .get_mut()
+        .write_all(b"GET /until-drain HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let waiting = thread::spawn(move || read_response(&mut waiting));
+    let mut slow = pinned.pop().unwrap();
+    slow.get_mut()
+        .write_all(b"GET /slow?ms=300 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let slow = thread::spawn(move || read_response(&mut slow));
+
     sup.signal(libc::SIGHUP);
     sup.wait_ready(2);
     sup.wait_gen(1, "draining");
-    let r = slow
+    let r = waiting
         .join()
         .unwrap()
         .expect("the in-flight request is answered");
     assert_eq!((r.status, r.generation(), r.closes()), (200, 1, true));
+    let r = slow.join().unwrap().expect("the slow request is answered");
+    assert_eq!((r.status, r.generation()), (200, 1));
     sup.wait_gen(1, "exited with status 0");
     assert!(events(&sup.records, p1).contains(&"exit 0".to_string()));
 }

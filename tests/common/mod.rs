@@ -240,6 +240,18 @@ impl Supervisor {
         }
     }
 
+    /// Like `wait_for`, with its own deadline and without panicking
+    /// (true if the line came, or is already there).
+    fn try_wait_for(&self, within: Duration, pred: impl Fn(&str) -> bool) -> bool {
+        let guard = self.log.lock();
+        let (guard, _) = self
+            .log
+            .changed
+            .wait_timeout_while(guard, within, |g| !g.1 && !g.0.iter().any(|l| pred(l)))
+            .unwrap_or_else(|e| e.into_inner());
+        guard.0.iter().any(|l| pred(l))
+    }
+
     /// Waits for a line containing `needle`.
     pub fn wait_line(&self, needle: &str) -> String {
         self.wait_for(&format!("{needle:?}"), |l| l.contains(needle))
@@ -342,8 +354,22 @@ impl Supervisor {
 impl Drop for Supervisor {
     fn drop(&mut self) {
         if self.status.is_none() {
-            kill(-(self.pid as i32), libc::SIGKILL);
-            let _ = self.exit.recv_timeout(DEADLINE);
+            // A stop, then the second signal that kills everything at once,
+            // so the supervisor still removes its runtime directory. SIGKILL
+            // if it does not answer (a test that failed half-way).
+            self.signal(libc::SIGTERM);
+            let stopping = self.try_wait_for(Duration::from_secs(5), |l| {
+                l.starts_with("containerflip: stopping")
+            });
+            let mut status = None;
+            if stopping {
+                self.signal(libc::SIGTERM);
+                status = self.exit.recv_timeout(Duration::from_secs(10)).ok();
+            }
+            if status.is_none() {
+                kill(-(self.pid as i32), libc::SIGKILL);
+                let _ = self.exit.recv_timeout(DEADLINE);
+            }
         }
         // Workers live in their own process groups; a leftover one (a test
         // that failed half-way) is killed with its group. Only groups that
