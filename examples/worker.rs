@@ -12,8 +12,9 @@
 //! 2. **Say when it is ready.** It sends `READY=1` to `$NOTIFY_SOCKET`
 //!    (sd_notify's protocol). The socket is a unix datagram socket by
 //!    default; with `--notify-mode stream` it is a stream socket, which a
-//!    datagram send rejects with `EPROTOTYPE`, so this worker falls back to
-//!    connect + write + close. A leading `@` means an abstract address.
+//!    datagram send rejects (`EPROTOTYPE` for a path, `ECONNREFUSED` for an
+//!    abstract name), so this worker falls back to connect + write + close.
+//!    A leading `@` means an abstract address.
 //!    Until `READY=1` the previous generation keeps serving, so a worker
 //!    should only say it once it can really answer. This one also waits
 //!    until then before it accepts a connection.
@@ -36,7 +37,10 @@
 //! that woke this one up (the listening socket is shared by every
 //! generation). Changing the shared socket to non-blocking mode is not an
 //! option: `O_NONBLOCK` belongs to the open file description, which every
-//! generation and the supervisor share.
+//! generation and the supervisor share. (A signal handled in the instant
+//! between `poll` and `accept` still leaves `accept` blocked until the next
+//! connection arrives; under load that is at once, and without load no
+//! other generation takes connections away.)
 //!
 //! # The HTTP it serves
 //!
@@ -56,7 +60,7 @@
 //! | `WORKER_NO_READY=1` | never send `READY=1`, but serve |
 //! | `WORKER_EXIT_BEFORE_READY=CODE` | after the delay, exit with CODE instead |
 //! | `WORKER_IGNORE_TERM=1` | record SIGTERM but keep serving |
-//! | `WORKER_RECORD=DIR` | write `DIR/PID.start` (what the worker was given) and append to `DIR/PID.events` (`ready`, `serving`, `signal N`, `exit N`) |
+//! | `WORKER_RECORD=DIR` | write `DIR/PID.start` (what the worker was given: `pid=`, `ppid=`, `pgid=`, one `arg=HEX` per argv element, `env.NAME=` for the `LISTEN_*`, `NOTIFY_SOCKET`, `CONTAINERFLIP_GENERATION` and `DRAIN_GRACE_MS` variables, `listen.FD=tcp ADDR` or `unix PATH`, `fds=` open at start, `sigmask=` and `sigign=` from /proc) and append to `DIR/PID.events` (`ready`, `serving`, `signal N`, `exit N`) |
 //! | `WORKER_RECORD_ENV=A,B` | more variables to put in the `.start` record |
 //! | `WORKER_SPAWN=sleeper\|orphan\|daemon` | start a process that sleeps forever: a child in our process group, a grandchild whose parent exits at once, or such a grandchild that also calls `setsid()`; its pid goes to `DIR/PID.grandchild` |
 //!

@@ -675,6 +675,7 @@ fn sighup_deploys_even_when_the_supervisor_inherited_it_ignored() {
     sup.wait_ready(1);
     sup.signal(libc::SIGHUP);
     sup.wait_ready(2);
+    sup.wait_gen(1, "exited with status 0");
     assert_eq!(get_gen(sup.listen_addr()), 2);
 }
 
@@ -934,10 +935,14 @@ fn deploys_under_load(mode: Mode) {
         let (_, line) = wait_for_exit_of(&sup, n - 1);
         assert!(line.ends_with("exited with status 0"), "{line}");
         // Some requests for this generation before the next deploy.
-        load.wait_more(20);
+        load.wait_more(100);
     }
     let outcomes = load.stop();
     let (failures, gens) = summarize(&outcomes);
+    eprintln!(
+        "{mode:?}: {} requests, answered by generations {gens:?}",
+        outcomes.len()
+    );
     assert!(
         failures.is_empty(),
         "{} of {} requests failed, e.g. {:?}",
@@ -1179,6 +1184,7 @@ fn queued_deploy_requests_collapse_into_one() {
     release(&fifo);
     sup.wait_ready(2);
     sup.wait_ready(3);
+    sup.wait_gen(1, "exited with status 0");
     sup.wait_gen(2, "exited with status 0");
     assert_eq!(get_gen(sup.listen_addr()), 3);
     sup.signal(libc::SIGTERM);
