@@ -204,28 +204,34 @@ fn exec_child(plan: &ChildPlan<'_>) -> ! {
     // memory prepared by the parent before fork (which this child owns a
     // private copy of); nothing allocates or takes a lock.
     unsafe {
-        // Default dispositions first, while every signal is still blocked:
-        // Rust ignores SIGPIPE and an ignored disposition survives exec.
-        // The raw system call, because glibc's sigaction refuses the
-        // signals it reserves (32, 33) which a parent may still have
-        // ignored. All-zero is SIG_DFL, no flags, empty mask in every
-        // architecture's kernel layout.
-        let dfl = [0u64; 4];
-        for sig in 1..NSIG {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::syscall(
-                    libc::SYS_rt_sigaction,
-                    sig as libc::c_long,
-                    dfl.as_ptr(),
-                    std::ptr::null_mut::<u64>(),
-                    8 as libc::c_long,
-                );
-            }
-        }
-        // The generation's own process group, so a drain deadline can
-        // SIGKILL everything it forked.
+        // The generation's own process group first, so a drain deadline
+        // can SIGKILL everything it forked and no signal sent to the
+        // supervisor's group (a terminal's ^C) reaches the worker later.
         if libc::setpgid(0, 0) == -1 {
             fail(plan.error_pipe, Stage::Setpgid, 1);
+        }
+        // Then default dispositions, while every signal is still blocked:
+        // Rust ignores SIGPIPE and an ignored disposition survives exec.
+        // Setting SIG_IGN on the way discards whatever became pending
+        // between fork and setpgid (signals aimed at the supervisor's
+        // group); the supervisor itself sends nothing before exec, as it
+        // waits on the error pipe. The raw system call, because glibc's
+        // sigaction refuses the signals it reserves (32, 33), which a
+        // parent using posix_spawn leaves ignored. The kernel's layout is
+        // handler, flags, (restorer,) mask: all-zero but the handler.
+        for handler in [1u64 /* SIG_IGN */, 0 /* SIG_DFL */] {
+            let action = [handler, 0, 0, 0];
+            for sig in 1..NSIG {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::syscall(
+                        libc::SYS_rt_sigaction,
+                        sig as libc::c_long,
+                        action.as_ptr(),
+                        std::ptr::null_mut::<u64>(),
+                        8 as libc::c_long,
+                    );
+                }
+            }
         }
         // Die with the supervisor, and close the race where it died before
         // the prctl: then our parent is no longer the supervisor.
