@@ -4,9 +4,9 @@
 STATIC_TARGET := x86_64-unknown-linux-gnu
 STATIC_BIN := target/$(STATIC_TARGET)/release/containerflip
 
-.PHONY: test test-rust test-node release static clean
+.PHONY: test test-rust test-node test-static release static clean
 
-test: test-rust test-node
+test: test-rust test-node test-static
 
 # Builds the binary and the example worker first: the integration tests
 # run both as real processes.
@@ -28,6 +28,14 @@ release:
 static:
 	RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" cargo build --release --target $(STATIC_TARGET)
 	@echo "$(STATIC_BIN)"
+
+# The static binary must really be static (no program interpreter, no
+# dynamic section) and pass the same integration tests as the dynamic one.
+test-static: static
+	@if readelf -lW $(STATIC_BIN) | grep -q INTERP; then echo "$(STATIC_BIN) has a program interpreter"; exit 1; fi
+	@readelf -d $(STATIC_BIN) | grep -q "no dynamic section" || { echo "$(STATIC_BIN) has a dynamic section"; exit 1; }
+	$(STATIC_BIN) --version
+	CONTAINERFLIP_BIN=$(CURDIR)/$(STATIC_BIN) cargo test --test integration
 
 clean:
 	cargo clean

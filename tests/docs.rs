@@ -10,7 +10,7 @@ use std::process::Command;
 const COMMANDS: [&str; 5] = ["run", "deploy", "rollback", "status", "stop"];
 
 fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_containerflip")
+    crate::common::bin()
 }
 
 fn root() -> &'static Path {

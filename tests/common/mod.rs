@@ -24,8 +24,14 @@ use std::time::{Duration, Instant};
 /// How long any single wait may take before the test is declared hung.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The binary under test: cargo's build, or `$CONTAINERFLIP_BIN` (the
+/// Makefile runs the whole suite again against the static release build).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_containerflip")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| match std::env::var("CONTAINERFLIP_BIN") {
+        Ok(b) if !b.is_empty() => b,
+        _ => env!("CARGO_BIN_EXE_containerflip").to_string(),
+    })
 }
 
 /// The example worker, built once per test run: integration tests do not
@@ -34,7 +40,7 @@ pub fn worker() -> &'static str {
     static BUILD: Once = Once::new();
     static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BUILD.call_once(|| {
-        let bin = Path::new(bin());
+        let bin = Path::new(env!("CARGO_BIN_EXE_containerflip"));
         let profile_dir = bin.parent().expect("binary has a directory");
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "--quiet", "--example", "worker"])
