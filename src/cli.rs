@@ -387,7 +387,11 @@ fn duration(p: &mut lexopt::Parser, opt: &str) -> Result<Duration> {
     })
 }
 
-/// `500ms`, `30s`, `2m`, `1h`, or a bare number of seconds.
+/// The longest duration accepted anywhere (about 100 years).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `500ms`, `30s`, `2m`, `1h`, or a bare number of seconds, at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -399,7 +403,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "h" => n.checked_mul(3_600_000)?,
         _ => return None,
     };
-    Some(Duration::from_millis(ms))
+    // Deadlines are `Instant + Duration`, which panics on overflow: cap
+    // every duration at MAX_DURATION (far beyond any sensible timeout).
+    (ms <= MAX_DURATION.as_millis() as u64).then(|| Duration::from_millis(ms))
 }
 
 /// `412ms`, `3s`, `2m`: the shortest exact rendering, for log lines.
@@ -433,6 +439,7 @@ mod tests {
         assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_duration("bogus"), None);
         assert_eq!(parse_duration("5x"), None);
+        assert_eq!(parse_duration("99999999999h"), None);
         assert_eq!(parse_duration(""), None);
         assert_eq!(format_duration(Duration::from_millis(412)), "412ms");
         assert_eq!(format_duration(Duration::from_secs(30)), "30s");

@@ -76,8 +76,9 @@ pub fn parse(chunk: &[u8], out: &mut Vec<Event>) {
             "READY" if value == "1" => Message::Ready,
             "STOPPING" if value == "1" => Message::Stopping,
             "STATUS" => Message::Status(value.chars().take(200).collect()),
-            "EXTEND_TIMEOUT_USEC" => match value.parse() {
-                Ok(n) => Message::ExtendTimeout(n),
+            "EXTEND_TIMEOUT_USEC" => match value.parse::<u64>() {
+                // Capped so that `now + n µs` cannot overflow.
+                Ok(n) => Message::ExtendTimeout(n.min(crate::cli::MAX_DURATION.as_micros() as u64)),
                 Err(_) => {
                     out.push(Event::Malformed(format!(
                         "bad EXTEND_TIMEOUT_USEC={value:.20}"
