@@ -75,7 +75,7 @@ print its progress and exit 0 once it serves, 1 if it failed closed.
 
 Options:
       --control PATH   control socket [default: see containerflip(1)]
-      --timeout DUR    stop waiting after DUR (the deploy goes on)
+      --timeout DUR    stop waiting after DUR (the deploy goes on); 0 = forever
   -h, --help           print this help
 ";
 
@@ -303,7 +303,10 @@ fn parse_deploy(mut p: lexopt::Parser) -> Result<Command> {
     while let Some(arg) = p.next()? {
         match arg {
             Long("control") => control = Some(path(&mut p, "--control")?),
-            Long("timeout") => timeout = Some(duration(&mut p, "--timeout")?),
+            Long("timeout") => {
+                // 0 waits forever, as --ready-timeout 0 does.
+                timeout = Some(duration(&mut p, "--timeout")?).filter(|d| !d.is_zero());
+            }
             Short('h') | Long("help") => return Ok(Command::Help(DEPLOY_HELP)),
             Value(first) => {
                 let mut argv = vec![first];

@@ -5,6 +5,7 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -77,10 +78,11 @@ pub fn stop(control: Option<PathBuf>) -> i32 {
     let result = exchange_with(control, &req, None, &mut |_, _| {}, &mut |stream| {
         // Learn who answers so that we can wait for it to be gone: the
         // last line comes just before the supervisor exits, not after.
-        supervisor = rustix::net::sockopt::socket_peercred(stream)
+        supervisor = crate::sys::peer_cred(stream.as_fd())
             .ok()
-            .and_then(|cred| {
-                rustix::process::pidfd_open(cred.pid, rustix::process::PidfdFlags::empty()).ok()
+            .and_then(|(pid, _)| rustix::process::Pid::from_raw(pid))
+            .and_then(|pid| {
+                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
             });
     });
     match result {

@@ -30,9 +30,7 @@ use std::time::{Duration, Instant};
 
 use rustix::event::PollFlags;
 use rustix::io::Errno;
-use rustix::net::{
-    self, AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType, sockopt,
-};
+use rustix::net::{self, AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 
 use crate::error::{Error, Result};
 use crate::{debug, warn};
@@ -44,6 +42,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_OUTPUT: usize = 1024 * 1024;
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CLIENTS: usize = 128;
+/// How long to stop accepting after running out of descriptors.
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 
 pub type ClientId = u64;
 
@@ -208,6 +208,10 @@ pub struct Control {
     path: PathBuf,
     clients: Vec<Client>,
     next_id: ClientId,
+    /// Accepting is paused after EMFILE until then.
+    paused_until: Option<Instant>,
+    /// EMFILE was logged; quiet until an accept works again.
+    accept_failing: bool,
 }
 
 impl Drop for Control {
@@ -258,6 +262,8 @@ impl Control {
             path: path.to_path_buf(),
             clients: Vec::new(),
             next_id: 1,
+            paused_until: None,
+            accept_failing: false,
         };
         net::listen(&c.fd, 256)
             .map_err(|e| Error::os(format!("listen on control socket {shown}"), e))?;
@@ -269,7 +275,8 @@ impl Control {
     }
 
     pub fn poll_fds(&self) -> impl Iterator<Item = (BorrowedFd<'_>, PollFlags)> + '_ {
-        let listen = (self.clients.len() < MAX_CLIENTS).then(|| (self.fd.as_fd(), PollFlags::IN));
+        let accepting = self.clients.len() < MAX_CLIENTS && self.paused_until.is_none();
+        let listen = accepting.then(|| (self.fd.as_fd(), PollFlags::IN));
         listen.into_iter().chain(self.clients.iter().map(|c| {
             let mut flags = PollFlags::empty();
             if c.phase != Phase::Closing {
@@ -284,7 +291,11 @@ impl Control {
     }
 
     pub fn deadline(&self) -> Option<Instant> {
-        self.clients.iter().filter_map(|c| c.deadline).min()
+        self.clients
+            .iter()
+            .filter_map(|c| c.deadline)
+            .chain(self.paused_until)
+            .min()
     }
 
     /// Handle readiness of `fd`; returns complete requests.
@@ -321,20 +332,32 @@ impl Control {
             {
                 Ok(fd) => fd,
                 Err(Errno::INTR | Errno::CONNABORTED) => continue,
+                Err(e @ (Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)) => {
+                    // Out of descriptors: the pending connection stays
+                    // readable, so stop polling the socket for a moment
+                    // instead of spinning on it.
+                    if !self.accept_failing {
+                        self.accept_failing = true;
+                        warn!(
+                            "control socket: unable to accept ({e}); retrying every {}ms",
+                            ACCEPT_PAUSE.as_millis()
+                        );
+                    }
+                    self.paused_until = Some(now + ACCEPT_PAUSE);
+                    return;
+                }
                 Err(_) => return,
             };
+            self.accept_failing = false;
             let me = rustix::process::getuid().as_raw();
-            match sockopt::socket_peercred(&fd) {
-                Ok(cred) if cred.uid.is_root() || cred.uid.as_raw() == me => {}
-                Ok(cred) => {
+            match crate::sys::peer_cred(fd.as_fd()) {
+                Ok((_, uid)) if uid == 0 || uid == me => {}
+                Ok((pid, uid)) => {
                     warn!(
-                        "control connection from uid {} pid {} refused: only root and uid {me} may control this supervisor",
-                        cred.uid.as_raw(),
-                        cred.pid.as_raw_nonzero()
+                        "control connection from uid {uid} pid {pid} refused: only root and uid {me} may control this supervisor"
                     );
                     let msg = format!(
-                        "error permission denied: uid {} may not control this supervisor\n",
-                        cred.uid.as_raw()
+                        "error permission denied: uid {uid} may not control this supervisor\n"
                     );
                     let _ = net::send(
                         &fd,
@@ -417,6 +440,9 @@ impl Control {
 
     /// Close clients whose request did not arrive in time.
     pub fn expire(&mut self, now: Instant) {
+        if self.paused_until.is_some_and(|t| t <= now) {
+            self.paused_until = None;
+        }
         for i in 0..self.clients.len() {
             if self.clients[i].deadline.is_some_and(|d| d <= now) {
                 self.clients[i].deadline = None;

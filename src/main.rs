@@ -47,9 +47,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if !matches!(cmd, Command::Run(_)) {
-        // Client commands keep the caller's signal behaviour (Ctrl-C).
+    if matches!(cmd, Command::Run(_)) {
+        // Children must reach our waitpid; see `default_disposition`.
+        let _ = sys::default_disposition(libc::SIGCHLD);
+    } else {
+        // Client commands keep the caller's signal behaviour (Ctrl-C) and
+        // end quietly when their stdout closes (`status | head`).
         let _ = sys::set_signal_mask(&original);
+        let _ = sys::default_disposition(libc::SIGPIPE);
     }
     let code = match cmd {
         Command::Help(text) => {

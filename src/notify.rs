@@ -32,6 +32,8 @@ pub const MAX_MESSAGE: usize = 4096;
 pub const STREAM_IDLE: Duration = Duration::from_secs(5);
 /// Open stream connections per generation.
 pub const MAX_STREAMS: usize = 16;
+/// How long to stop accepting after running out of descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 
 /// One thing a worker told us.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +118,8 @@ pub struct NotifySocket {
     path: PathBuf,
     mode: NotifyMode,
     streams: Vec<Stream>,
+    /// Accepting is paused after EMFILE until then.
+    paused_until: Option<Instant>,
 }
 
 impl Drop for NotifySocket {
@@ -153,6 +157,7 @@ impl NotifySocket {
             path: path.to_path_buf(),
             mode,
             streams: Vec::new(),
+            paused_until: None,
         };
         if mode == NotifyMode::Stream {
             net::listen(&sock.fd, 128)?;
@@ -167,8 +172,8 @@ impl NotifySocket {
     /// The fds to poll for input: the socket itself (unless the stream
     /// limit is reached) and every open stream connection.
     pub fn poll_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> + '_ {
-        let listen = (self.mode == NotifyMode::Dgram || self.streams.len() < MAX_STREAMS)
-            .then(|| self.fd.as_fd());
+        let accepting = self.streams.len() < MAX_STREAMS && self.paused_until.is_none();
+        let listen = (self.mode == NotifyMode::Dgram || accepting).then(|| self.fd.as_fd());
         listen
             .into_iter()
             .chain(self.streams.iter().map(|s| s.fd.as_fd()))
@@ -176,7 +181,11 @@ impl NotifySocket {
 
     /// Earliest stream idle deadline.
     pub fn deadline(&self) -> Option<Instant> {
-        self.streams.iter().map(|s| s.deadline).min()
+        self.streams
+            .iter()
+            .map(|s| s.deadline)
+            .chain(self.paused_until)
+            .min()
     }
 
     /// `fd` became readable (the socket or one of its connections).
@@ -187,7 +196,7 @@ impl NotifySocket {
                 NotifyMode::Stream => self.accept_streams(now, out),
             }
         } else if let Some(i) = self.streams.iter().position(|s| s.fd.as_raw_fd() == fd)
-            && !self.read_stream(i, out)
+            && !self.read_stream(i, now, out)
         {
             self.streams.swap_remove(i);
         }
@@ -195,6 +204,9 @@ impl NotifySocket {
 
     /// Close stream connections silent past their deadline.
     pub fn expire(&mut self, now: Instant, out: &mut Vec<Event>) {
+        if self.paused_until.is_some_and(|t| t <= now) {
+            self.paused_until = None;
+        }
         let before = self.streams.len();
         self.streams.retain(|s| s.deadline > now);
         if self.streams.len() < before {
@@ -258,12 +270,21 @@ impl NotifySocket {
             {
                 Ok(fd) => fd,
                 Err(Errno::INTR | Errno::CONNABORTED) => continue,
+                Err(e @ (Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)) => {
+                    // The connection stays pending and the socket readable:
+                    // stop polling it for a moment rather than spin.
+                    out.push(Event::Malformed(format!(
+                        "unable to accept a notify connection: {e}"
+                    )));
+                    self.paused_until = Some(now + ACCEPT_PAUSE);
+                    return;
+                }
                 Err(_) => return,
             };
-            match sockopt::socket_peercred(&fd) {
-                Ok(cred) if uid_allowed(cred.uid.as_raw()) => {}
-                Ok(cred) => {
-                    out.push(Event::Denied(cred.uid.as_raw()));
+            match crate::sys::peer_cred(fd.as_fd()) {
+                Ok((_, uid)) if uid_allowed(uid) => {}
+                Ok((_, uid)) => {
+                    out.push(Event::Denied(uid));
                     continue;
                 }
                 Err(_) => continue,
@@ -278,7 +299,7 @@ impl NotifySocket {
     }
 
     /// Read what is there; false when the connection is done.
-    fn read_stream(&mut self, i: usize, out: &mut Vec<Event>) -> bool {
+    fn read_stream(&mut self, i: usize, now: Instant, out: &mut Vec<Event>) -> bool {
         let s = &mut self.streams[i];
         let mut chunk = [0u8; 1024];
         loop {
@@ -291,6 +312,8 @@ impl NotifySocket {
                     return false;
                 }
                 Ok(n) => {
+                    // Silence is counted from the last bytes received.
+                    s.deadline = now + STREAM_IDLE;
                     s.total += n;
                     if s.total > MAX_MESSAGE {
                         out.push(Event::Malformed(format!(

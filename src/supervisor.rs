@@ -69,6 +69,11 @@ enum Origin {
 }
 
 impl Origin {
+    /// Asked for by someone (counted as a deploy), not boot or restart.
+    fn is_requested(self) -> bool {
+        matches!(self, Origin::Sighup | Origin::Control | Origin::Replace)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Origin::Boot => "start",
@@ -107,6 +112,8 @@ struct Stopping {
     strays: bool,
     /// Strays left at this time get SIGKILL.
     orphan_deadline: Option<Instant>,
+    /// Strays that already got the stop signal.
+    signalled: Vec<i32>,
     /// `stop` clients to tell the exit status.
     waiters: Vec<ClientId>,
 }
@@ -122,7 +129,7 @@ pub struct Counters {
 #[derive(Clone, Copy)]
 enum Source {
     Signals,
-    Pidfd,
+    Pidfd(u64),
     Notify(u64, RawFd),
     Control(RawFd),
 }
@@ -235,16 +242,42 @@ impl Supervisor {
         let fired = self.wait(timeout);
         let now = Instant::now();
         let mut reap = false;
+        let mut exited_gens = Vec::new();
         for (source, flags) in fired {
             match source {
                 Source::Notify(n, fd) => self.on_notify(n, fd, now),
-                Source::Pidfd => reap = true,
+                Source::Pidfd(n) => {
+                    reap = true;
+                    exited_gens.push(n);
+                }
                 Source::Signals => reap |= self.on_signals(now),
                 Source::Control(fd) => self.on_control(fd, flags, now),
             }
         }
         if reap {
             self.reap(now);
+        }
+        // Backstop: a pidfd said exited but waitpid had nothing (someone
+        // made the kernel auto-reap). Without this the pidfd would stay
+        // readable and the loop would spin.
+        for n in exited_gens {
+            if let Some(pid) = self
+                .gens
+                .iter()
+                .find(|g| g.n == n && g.running())
+                .map(|g| g.pid)
+            {
+                let pid = rustix::process::Pid::from_raw(pid).expect("worker pids are positive");
+                if let Err(Errno::CHILD) = rustix::process::waitpid(Some(pid), WaitOptions::NOHANG)
+                {
+                    warn!(
+                        "{} exited but its status was lost (was SIGCHLD ignored?)",
+                        self.tag(n)
+                    );
+                    self.on_exit(n, Exit::Code(1), now);
+                    self.sweep();
+                }
+            }
         }
         self.expire(Instant::now());
     }
@@ -257,7 +290,7 @@ impl Supervisor {
         for g in &self.gens {
             if let Some(p) = &g.pidfd {
                 fds.push(PollFd::new(p, PollFlags::IN));
-                sources.push(Source::Pidfd);
+                sources.push(Source::Pidfd(g.n));
             }
             if let Some(ns) = &g.notify {
                 for fd in ns.poll_fds() {
@@ -379,8 +412,12 @@ impl Supervisor {
                 origin,
                 waiters: Vec::new(),
             });
-            // The newest request's command wins (SPEC §5.4).
-            q.command = command;
+            // The newest request's command wins (SPEC §5.4); a request for
+            // "the current command" (SIGHUP, STOPPING=1) does not erase a
+            // new command someone is waiting to see deployed.
+            if command.is_some() {
+                q.command = command;
+            }
             q.origin = origin;
             q.waiters.extend(waiter);
             if let Some(id) = waiter {
@@ -411,7 +448,7 @@ impl Supervisor {
                     "unable to create notify socket {}: {e}",
                     notify_path.display()
                 );
-                return self.spawn_failed(n, reason, waiters, now);
+                return self.spawn_failed(n, origin, reason, waiters, now);
             }
         };
         let req = spawn::Request {
@@ -428,7 +465,7 @@ impl Supervisor {
         };
         let child = match spawn::spawn(&req) {
             Ok(c) => c,
-            Err(reason) => return self.spawn_failed(n, reason, waiters, now),
+            Err(reason) => return self.spawn_failed(n, origin, reason, waiters, now),
         };
         let g = Generation {
             n,
@@ -478,13 +515,16 @@ impl Supervisor {
     }
 
     /// A deploy that never got a process (env file, fork, socket).
-    fn spawn_failed(&mut self, n: u64, reason: String, waiters: Vec<ClientId>, now: Instant) {
+    fn spawn_failed(
+        &mut self,
+        n: u64,
+        origin: Origin,
+        reason: String,
+        waiters: Vec<ClientId>,
+        now: Instant,
+    ) {
         warn!("gen {n} deploy failed: {reason}");
-        self.deploy = Some(Deploy {
-            n,
-            origin: Origin::Control,
-            waiters,
-        });
+        self.deploy = Some(Deploy { n, origin, waiters });
         self.deploy_failed(n, reason, Exit::Code(1), now);
     }
 
@@ -494,6 +534,15 @@ impl Supervisor {
         let Some(g) = self.gen_mut(n) else { return };
         if g.state != State::Starting || stopping {
             debug!("{} READY=1 while {} (ignored)", g.tag(), g.state.name());
+            return;
+        }
+        // READY=1 and the exit can arrive in the same poll turn: a worker
+        // that is already dead must not retire the one that serves.
+        if g.pidfd.as_ref().is_some_and(exited) {
+            debug!(
+                "{} READY=1 from a worker that already exited (ignored)",
+                g.tag()
+            );
             return;
         }
         g.state = State::Ready;
@@ -520,7 +569,11 @@ impl Supervisor {
         }
         if !self.booted {
             self.booted = true;
-        } else if self.deploy.as_ref().is_some_and(|d| d.n == n) {
+        } else if self
+            .deploy
+            .as_ref()
+            .is_some_and(|d| d.n == n && d.origin.is_requested())
+        {
             self.counters.deploys_ok += 1;
         }
         if self.deploy.as_ref().is_some_and(|d| d.n == n) {
@@ -572,7 +625,13 @@ impl Supervisor {
     }
 
     fn deploy_failed(&mut self, n: u64, reason: String, exit: Exit, now: Instant) {
-        self.counters.deploys_failed += 1;
+        if self
+            .deploy
+            .as_ref()
+            .is_some_and(|d| d.origin.is_requested())
+        {
+            self.counters.deploys_failed += 1;
+        }
         self.last_failure = Some(format!("gen {n}: {reason}"));
         let waiters = self.deploy.take().map(|d| d.waiters).unwrap_or_default();
         self.conclude(
@@ -597,7 +656,7 @@ impl Supervisor {
         }
         self.next_queued(now);
         if self.deploy.is_none() && self.active.is_none() && self.stop.is_none() {
-            self.schedule_restart(now);
+            self.schedule_restart(n, now);
         }
     }
 
@@ -611,9 +670,13 @@ impl Supervisor {
         }
     }
 
-    fn schedule_restart(&mut self, now: Instant) {
+    fn schedule_restart(&mut self, failed: u64, now: Instant) {
         self.restart_at = Some(now + self.backoff);
-        info!("restarting in {}", format_duration(self.backoff));
+        info!(
+            "{}: nothing is serving; restarting in {}",
+            self.tag(failed),
+            format_duration(self.backoff)
+        );
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
@@ -649,8 +712,11 @@ impl Supervisor {
                 }
             }
             Event::Message(Message::ExtendTimeout(usec)) => {
-                if matches!(g.state, State::Starting | State::Draining | State::Failed)
+                // Only a deadline that exists moves (`--ready-timeout 0`
+                // stays forever), and never a failed generation's kill.
+                if matches!(g.state, State::Starting | State::Draining)
                     && g.running()
+                    && g.deadline.is_some()
                 {
                     g.deadline = Some(now + Duration::from_micros(usec));
                     info!(
@@ -714,12 +780,36 @@ impl Supervisor {
             }
         }
         self.sweep();
-        // While stopping, a reaped stray may have been the last one.
-        if let Some(stop) = self.stop.as_mut()
-            && stop.strays
-            && orphans(&self.gens).is_empty()
-        {
-            stop.strays = false;
+        self.check_strays(now);
+    }
+
+    /// While stopping: find our children that belong to no generation
+    /// (daemons that left their group, reparented to us as subreaper or
+    /// PID 1), give new ones the stop signal and the drain deadline, and
+    /// note when none is left. Run at the stop and after every reap, since
+    /// a daemon becomes our child only when its parent dies.
+    fn check_strays(&mut self, now: Instant) {
+        let (sig, drain) = (self.cfg.stop_signal, self.cfg.drain_timeout);
+        let Some(stop) = self.stop.as_mut() else {
+            return;
+        };
+        let strays = orphans(&self.gens);
+        for &pid in &strays {
+            if stop.signalled.contains(&pid) {
+                continue;
+            }
+            let sent = if stop.forced { libc::SIGKILL } else { sig };
+            info!(
+                "pid {pid} (left behind by a worker) gets {}",
+                signals::name(sent)
+            );
+            let _ = crate::sys::kill(pid, sent);
+            stop.signalled.push(pid);
+        }
+        stop.strays = !strays.is_empty();
+        if stop.strays {
+            stop.orphan_deadline.get_or_insert(now + drain);
+        } else {
             stop.orphan_deadline = None;
         }
     }
@@ -736,7 +826,12 @@ impl Supervisor {
                 let reason = format!("exited with {exit} before READY=1");
                 self.fail_deploy(n, reason, exit, now);
             }
-            State::Ready if !stopping && !leaving => self.on_crash(n, exit, now),
+            // Leaving on its own (STOPPING=1) with its replacement under
+            // way: that deploy takes over. Otherwise nothing would serve:
+            // restart, as after a crash.
+            State::Ready if !(stopping || leaving && self.deploy.is_some()) => {
+                self.on_crash(n, exit, now)
+            }
             State::Ready => {
                 info!("{tag} exited with {exit}");
                 if self.active == Some(n) {
@@ -922,24 +1017,18 @@ impl Supervisor {
         }
         // Daemons that left their generation's group (setsid) are still our
         // children as subreaper or PID 1: they are stopped too.
-        let strays = orphans(&self.gens);
-        for &pid in &strays {
-            info!(
-                "pid {pid} (left behind by a worker) gets {}",
-                signals::name(sig)
-            );
-            let _ = crate::sys::kill(pid, sig);
-        }
         self.stop = Some(Stopping {
             active: self.active,
             active_exit: None,
             clean: true,
             forced: false,
-            strays: !strays.is_empty(),
-            orphan_deadline: (!strays.is_empty()).then(|| now + drain),
+            strays: false,
+            signalled: Vec::new(),
+            orphan_deadline: None,
             waiters: Vec::new(),
         });
         self.sweep();
+        self.check_strays(now);
     }
 
     // ---- control -------------------------------------------------------
@@ -1021,6 +1110,16 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// Whether the process behind `pidfd` has exited (readable pidfd).
+fn exited(pidfd: &std::os::fd::OwnedFd) -> bool {
+    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
 }
 
 /// Our children that are not generation workers: daemons reparented to

@@ -114,6 +114,42 @@ pub fn dup_inherited(fd: RawFd, min: RawFd) -> io::Result<OwnedFd> {
     }
 }
 
+/// Give `sig` its default disposition. At start-up for SIGCHLD: an
+/// inherited SIG_IGN (or SA_NOCLDWAIT) would make the kernel reap our
+/// children itself, and no exit status would ever reach us (tini does
+/// the same). For client commands, SIGPIPE, so a closed stdout ends them
+/// quietly like any Unix tool.
+pub fn default_disposition(sig: i32) -> io::Result<()> {
+    // SAFETY: a zeroed sigaction with SIG_DFL is valid; sigaction only
+    // reads it.
+    unsafe {
+        let mut dfl = std::mem::zeroed::<libc::sigaction>();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        cvt(libc::sigaction(sig, &dfl, std::ptr::null_mut())).map(drop)
+    }
+}
+
+/// `SO_PEERCRED` of a unix socket: (pid, uid). The pid is 0 when the peer
+/// lives in a pid namespace we cannot see, which rustix's `UCred` (with
+/// a non-zero pid type) cannot represent.
+pub fn peer_cred(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<(i32, u32)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we
+    // own and which has exactly that size.
+    unsafe {
+        let mut cred = std::mem::zeroed::<libc::ucred>();
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        cvt(libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        ))?;
+        Ok((cred.pid, cred.uid))
+    }
+}
+
 /// Make sure fds 0, 1 and 2 are open, on /dev/null if not, so that no
 /// socket we create later lands on a standard stream.
 pub fn ensure_stdio() {
