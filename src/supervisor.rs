@@ -855,6 +855,12 @@ impl Supervisor {
             && g.deadline.is_none()
             && g.group_alive()
         {
+            info!(
+                "{} left processes in its group: {} now, SIGKILL in {}",
+                g.tag(),
+                signals::name(sig),
+                format_duration(drain)
+            );
             g.signal_group(sig);
             g.deadline = Some(now + drain);
         }
@@ -959,7 +965,14 @@ impl Supervisor {
         let Some(g) = self.gen_mut(n) else { return };
         g.deadline = None;
         g.signal_group(libc::SIGKILL);
-        warn!("{} killed at drain deadline", g.tag());
+        match (g.state, g.running()) {
+            (State::Failed, _) => warn!("{} killed at stop deadline (failed deploy)", g.tag()),
+            (_, true) => warn!("{} killed at drain deadline", g.tag()),
+            (_, false) => warn!(
+                "{} processes left in its group killed at drain deadline",
+                g.tag()
+            ),
+        }
         let gone = !g.running();
         if let Some(stop) = self.stop.as_mut() {
             stop.clean = false;
