@@ -2,4 +2,5 @@ mod common;
 mod control;
 mod docs;
 mod init;
+mod regress;
 mod run;
