@@ -114,6 +114,8 @@ struct Stopping {
     orphan_deadline: Option<Instant>,
     /// Strays that already got the stop signal.
     signalled: Vec<i32>,
+    /// The stop's drain deadline: what is left after it gets SIGKILL.
+    deadline: Instant,
     /// `stop` clients to tell the exit status.
     waiters: Vec<ClientId>,
 }
@@ -789,16 +791,19 @@ impl Supervisor {
     /// note when none is left. Run at the stop and after every reap, since
     /// a daemon becomes our child only when its parent dies.
     fn check_strays(&mut self, now: Instant) {
-        let (sig, drain) = (self.cfg.stop_signal, self.cfg.drain_timeout);
+        let sig = self.cfg.stop_signal;
         let Some(stop) = self.stop.as_mut() else {
             return;
         };
+        // One deadline for the whole stop: a stray found late (reparented
+        // when its parent died at the deadline) gets SIGKILL at once.
+        let kill_now = stop.forced || now >= stop.deadline;
         let strays = orphans(&self.gens);
         for &pid in &strays {
-            if stop.signalled.contains(&pid) {
+            if stop.signalled.contains(&pid) && !kill_now {
                 continue;
             }
-            let sent = if stop.forced { libc::SIGKILL } else { sig };
+            let sent = if kill_now { libc::SIGKILL } else { sig };
             info!(
                 "pid {pid} (left behind by a worker) gets {}",
                 signals::name(sent)
@@ -807,11 +812,7 @@ impl Supervisor {
             stop.signalled.push(pid);
         }
         stop.strays = !strays.is_empty();
-        if stop.strays {
-            stop.orphan_deadline.get_or_insert(now + drain);
-        } else {
-            stop.orphan_deadline = None;
-        }
+        stop.orphan_deadline = (stop.strays && !kill_now).then_some(stop.deadline);
     }
 
     /// Generation `n`'s worker exited with `exit`.
@@ -1037,6 +1038,7 @@ impl Supervisor {
             forced: false,
             strays: false,
             signalled: Vec::new(),
+            deadline: now + drain,
             orphan_deadline: None,
             waiters: Vec::new(),
         });
