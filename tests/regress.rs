@@ -17,13 +17,11 @@
 //! `127.0.0.1:0`, no sleeps as synchronisation.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -76,27 +74,6 @@ fn get_gen(addr: std::net::SocketAddr) -> u64 {
     let r = get(addr, "/").expect("GET /");
     assert_eq!(r.status, 200, "{r:?}");
     r.generation()
-}
-
-fn mkfifo(path: &Path) {
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    // SAFETY: `c` is a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
-}
-
-/// Writes a line into `fifo` once someone has it open for reading (a
-/// non-blocking open fails with ENXIO until then), then closes it.
-fn release(fifo: &Path) {
-    let mut f = None;
-    wait_until(&format!("a reader on {}", fifo.display()), || {
-        f = fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(fifo)
-            .ok();
-        f.is_some()
-    });
-    f.unwrap().write_all(b"go\n").expect("write the FIFO");
 }
 
 /// Processes whose argv is exactly `argv`.
@@ -297,7 +274,6 @@ fn stop_kills_a_daemon_reparented_after_the_stop_began() {
 // 4. A SIGHUP after a queued `deploy -- NEW` keeps NEW.
 
 /// The generation waits for a line on `$HOLD` (a FIFO) when it is set.
-const HOLD_SCRIPT: &str = "if [ -n \"$HOLD\" ]; then read line < \"$HOLD\"; fi; exec \"$0\"";
 
 #[test]
 fn sighup_behind_a_queued_deploy_keeps_its_new_command() {

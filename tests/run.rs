@@ -9,7 +9,6 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
@@ -984,25 +983,6 @@ fn no_request_dropped_across_ten_deploys_keep_alive() {
 
 // ---------------------------------------------------------------------------
 // 6. A crash of the active worker refuses nothing.
-
-/// `sh -c` that, when `$HOLD` names a FIFO, waits for a line on it before
-/// exec'ing the worker (same pid, so LISTEN_PID stays right): the test
-/// decides when the generation may come up.
-const HOLD_SCRIPT: &str = "if [ -n \"$HOLD\" ]; then read line < \"$HOLD\"; fi; exec \"$0\"";
-
-fn mkfifo(path: &Path) {
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    // SAFETY: `c` is a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
-}
-
-fn release(fifo: &Path) {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .open(fifo)
-        .expect("open the FIFO");
-    f.write_all(b"go\n").unwrap();
-}
 
 #[test]
 fn sigkill_of_the_active_worker_under_load_refuses_nothing() {

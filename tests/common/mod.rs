@@ -750,3 +750,31 @@ pub fn summarize(outcomes: &[Outcome]) -> (Vec<String>, HashSet<u64>) {
     }
     (failures, gens)
 }
+
+/// `sh -c` that, when `$HOLD` names a FIFO, waits for a line on it before
+/// exec'ing the worker (same pid, so LISTEN_PID stays right): the test
+/// decides when a generation may come up.
+pub const HOLD_SCRIPT: &str = "if [ -n \"$HOLD\" ]; then read line < \"$HOLD\"; fi; exec \"$0\"";
+
+pub fn mkfifo(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Writes a line into `fifo` once someone has it open for reading (a
+/// non-blocking open fails with ENXIO until then), then closes it.
+pub fn release(fifo: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = None;
+    wait_until(&format!("a reader on {}", fifo.display()), || {
+        f = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo)
+            .ok();
+        f.is_some()
+    });
+    f.unwrap().write_all(b"go\n").expect("write the FIFO");
+}
