@@ -45,7 +45,7 @@ Own the listening sockets and supervise generations of COMMAND.
 
 Options:
   -l, --listen [NAME=]ADDR   socket to own (repeatable): PORT, :PORT,
-                             HOST:PORT, [IPV6]:PORT, unix:PATH or fd:N
+                             IPV4:PORT, [IPV6]:PORT, unix:PATH or fd:N
       --backlog N            listen(2) backlog [default: 4096]
       --notify-mode MODE     NOTIFY_SOCKET type: dgram or stream [default: dgram]
       --ready-timeout DUR    stop a generation not ready by then; 0 = wait

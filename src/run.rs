@@ -15,6 +15,17 @@ use crate::{debug, info, log, sys, warn};
 /// Run the supervisor; returns the process exit status.
 pub fn run(mut cfg: RunConfig) -> i32 {
     log::set_level(cfg.verbosity);
+    if cfg.listen.is_empty() && Inherited::from_env().count == 0 {
+        // SPEC §2: a usage error, though only the environment tells.
+        eprintln!(
+            "containerflip: {}",
+            crate::cli::Usage(
+                "run: no --listen given and no sockets passed by socket activation (LISTEN_FDS)"
+                    .into()
+            )
+        );
+        return 2;
+    }
     match start(&mut cfg) {
         Ok(parts) => {
             let pidfile = cfg.pidfile.clone();
@@ -47,12 +58,6 @@ fn start(cfg: &mut RunConfig) -> Result<Parts, Error> {
     } else {
         std::mem::take(&mut cfg.listen)
     };
-    if specs.is_empty() {
-        return Err(Error::msg(
-            "start",
-            "no --listen given and no sockets passed by socket activation (LISTEN_FDS)",
-        ));
-    }
     let listeners = listen::open_all(&specs, cfg.backlog, &inherited)?;
     for (i, l) in listeners.iter().enumerate() {
         info!(

@@ -68,7 +68,13 @@ pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
     let mut env: Vec<(OsString, OsString)> = req.base_env.to_vec();
     if let Some(path) = req.env_file {
         for (k, v) in read_env_file(path)? {
-            if NOT_INHERITED.iter().any(|n| OsStr::new(n) == k) {
+            // DRAIN_GRACE_MS too: containerflip computes it, or passes on
+            // its own environment's value.
+            if NOT_INHERITED
+                .iter()
+                .chain(&["DRAIN_GRACE_MS"])
+                .any(|n| OsStr::new(n) == k)
+            {
                 return Err(format!(
                     "env file {}: {} is set by containerflip itself",
                     path.display(),

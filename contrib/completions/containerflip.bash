@@ -7,8 +7,8 @@ _containerflip() {
     cmd=
     for ((i = 1; i < COMP_CWORD; i++)); do
         case ${COMP_WORDS[i]} in
-            --) return 0 ;;  # the worker command: leave it to the shell
-            run|deploy|rollback|status|stop) cmd=${COMP_WORDS[i]}; break ;;
+            --) return 0 ;;  # the worker command: the shell's default completion
+            run|deploy|rollback|status|stop) [[ -z $cmd ]] && cmd=${COMP_WORDS[i]} ;;
         esac
     done
     case $prev in
@@ -29,4 +29,4 @@ _containerflip() {
     esac
     COMPREPLY=($(compgen -W "$opts" -- "$cur"))
 }
-complete -F _containerflip containerflip
+complete -o bashdefault -o default -F _containerflip containerflip
