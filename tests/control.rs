@@ -6,7 +6,7 @@
 //! Every supervisor gets its own temp dir and control socket
 //! (`--control DIR/control.sock`, given to `run` and to every client
 //! command) and listens on `127.0.0.1:0`. Slow deploys are held by a gate:
-//! a `sh` loop that waits for a file the test creates, so nothing here
+//! a `sh` that waits for a line on a FIFO the test writes, so nothing here
 //! depends on timing.
 
 use std::ffi::{OsStr, OsString};
@@ -23,7 +23,8 @@ use std::thread;
 use std::time::Instant;
 
 use crate::common::{
-    DEADLINE, Supervisor, TempDir, bin, get, kill, start_record, stat_field, worker, write_file,
+    DEADLINE, HOLD_SCRIPT, Supervisor, TempDir, bin, get, kill, mkfifo, release, skipped,
+    start_record, stat_field, worker, write_file,
 };
 
 // ---------------------------------------------------------------------------
@@ -214,23 +215,35 @@ impl Bg {
     }
 }
 
-/// A command that waits for the file `gate` to exist, then `exec`s
-/// `then` (or exits with `exit_code` when `then` is empty).
+/// A command that waits for a line on the FIFO `gate` (created here),
+/// then `exec`s `then` (one program, same pid, through the harness's
+/// `HOLD_SCRIPT`) or exits with `exit_code` when `then` is empty.
+/// `open_gate` lets it go.
 fn gated(gate: &Path, then: &[&str], exit_code: i32) -> Vec<OsString> {
-    let tail = if then.is_empty() {
-        format!("exit {exit_code}")
+    mkfifo(gate);
+    let mut argv: Vec<OsString> = Vec::new();
+    if let [program] = then {
+        let mut hold = OsString::from("HOLD=");
+        hold.push(gate);
+        argv.extend([
+            "env".into(),
+            hold,
+            "sh".into(),
+            "-c".into(),
+            HOLD_SCRIPT.into(),
+            program.into(),
+        ]);
     } else {
-        "shift; exec \"$@\"".to_string()
-    };
-    let script = format!("while [ ! -e \"$1\" ]; do sleep 0.02; done; {tail}");
-    let mut argv: Vec<OsString> = vec!["sh".into(), "-c".into(), script.into(), "sh".into()];
-    argv.push(gate.into());
-    argv.extend(then.iter().map(OsString::from));
+        assert!(then.is_empty(), "gated takes one program: {then:?}");
+        let script = format!("read line < \"$1\"; exit {exit_code}");
+        argv.extend(["sh".into(), "-c".into(), script.into(), "sh".into()]);
+        argv.push(gate.into());
+    }
     argv
 }
 
 fn open_gate(gate: &Path) {
-    std::fs::write(gate, "").expect("create the gate file");
+    release(gate);
 }
 
 /// Parses `deployed gen N pid P`.
@@ -650,9 +663,11 @@ fn status_json_parses_and_has_the_fields() {
     let out = cf(&dir, "deploy", &[]);
     assert_eq!(out.code(), 0, "{out:?}");
     let (_, pid2) = deployed(out.last());
-    sup.wait_line("gen 1 pid");
+    // Gen 1 gone, so the generations list is gen 2 alone.
+    sup.wait_gen(1, "exited");
     let script = [
         "print('pid', d['pid'])",
+        "print('gens', [g['gen'] for g in d['generations']])",
         "print('state', d['state'], d['serving'], d['active'], d['deploying'])",
         "c = d['counters']",
         "print('counters', c['deploys_ok'], c['deploys_failed'], c['crash_restarts'])",
@@ -671,6 +686,7 @@ fn status_json_parses_and_has_the_fields() {
             .to_string()
     };
     assert_eq!(get_line("pid"), sup.pid.to_string(), "{text}");
+    assert_eq!(get_line("gens"), "[2]", "{text}");
     assert_eq!(get_line("state"), "serving True 2 None", "{text}");
     assert_eq!(get_line("counters"), "1 0 0", "{text}");
     assert_eq!(get_line("failure"), "None", "{text}");
@@ -1107,7 +1123,10 @@ fn start_for_other_uids(name: &str) -> (TempDir, Supervisor, SocketAddr) {
 #[test]
 fn a_connection_from_another_uid_is_refused_by_peer_credentials() {
     if !is_root() {
-        println!("skipped: needs root to connect as another uid");
+        skipped(
+            "a_connection_from_another_uid_is_refused_by_peer_credentials",
+            "needs root to connect as another uid",
+        );
         return;
     }
     let (dir, sup, addr) = start_for_other_uids("ctl-peercred");
@@ -1144,7 +1163,10 @@ fn a_connection_from_another_uid_is_refused_by_peer_credentials() {
 #[test]
 fn a_client_command_as_another_uid_is_refused() {
     if !is_root() {
-        println!("skipped: needs root to run a client as another uid");
+        skipped(
+            "a_client_command_as_another_uid_is_refused",
+            "needs root to run a client as another uid",
+        );
         return;
     }
     let probe = Command::new("setpriv")
@@ -1157,9 +1179,9 @@ fn a_client_command_as_another_uid_is_refused() {
         ])
         .output();
     if !probe.as_ref().is_ok_and(|o| o.status.success()) {
-        println!(
-            "skipped: setpriv cannot run {} as uid 65534: {probe:?}",
-            bin()
+        skipped(
+            "a_client_command_as_another_uid_is_refused",
+            &format!("setpriv cannot run {} as uid 65534: {probe:?}", bin()),
         );
         return;
     }

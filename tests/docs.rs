@@ -130,6 +130,292 @@ fn every_help_option_is_in_each_completion() {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Per command: each command's `--help`, its subsection of the man page's
+// OPTIONS section and its arm of each completion offer the same options,
+// short ones included.
+
+/// The OPTIONS subsections that apply to a command (`None`: the program
+/// alone, `containerflip --help`).
+fn man_subsections(cmd: Option<&str>) -> Vec<&'static str> {
+    match cmd {
+        None => vec!["every command", "containerflip alone"],
+        Some("rollback" | "stop") => vec!["rollback, stop", "every command"],
+        Some("run") => vec!["run", "every command"],
+        Some("deploy") => vec!["deploy", "every command"],
+        Some("status") => vec!["status", "every command"],
+        Some(other) => panic!("no such command {other}"),
+    }
+}
+
+/// `-x` single-letter options in a text: a dash after a boundary, one
+/// letter, then no other word character.
+fn short_options(text: &str) -> BTreeSet<String> {
+    let b = text.as_bytes();
+    let mut out = BTreeSet::new();
+    for i in 0..b.len().saturating_sub(1) {
+        let boundary = i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'-');
+        let after = b.get(i + 2).copied();
+        if b[i] == b'-'
+            && boundary
+            && b[i + 1].is_ascii_alphabetic()
+            && !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        {
+            out.insert(text[i..i + 2].to_string());
+        }
+    }
+    out
+}
+
+fn options_in(text: &str) -> BTreeSet<String> {
+    let mut out = long_options(text);
+    out.extend(short_options(text));
+    out
+}
+
+/// The options `containerflip [CMD] --help` lists: the option column of
+/// the lines of its `Options:` block.
+fn help_options(cmd: Option<&str>) -> BTreeSet<String> {
+    let text = match cmd {
+        Some(c) => help(&[c, "--help"]),
+        None => help(&["--help"]),
+    };
+    let block = text
+        .split_once("\nOptions:\n")
+        .unwrap_or_else(|| panic!("no Options: in {cmd:?} --help:\n{text}"))
+        .1;
+    let mut out = BTreeSet::new();
+    for line in block.lines() {
+        let item = line.trim_start();
+        if !line.starts_with(' ') || !item.starts_with('-') {
+            continue; // continuation lines are indented more and start with text
+        }
+        let column = item.split("  ").next().unwrap();
+        out.extend(options_in(column));
+    }
+    assert!(!out.is_empty(), "no options parsed from {cmd:?} --help");
+    out
+}
+
+/// `.SS` name -> the options of the `.TP` items under it in OPTIONS.
+fn man_options_by_subsection() -> Vec<(String, BTreeSet<String>)> {
+    let man = man_source();
+    let start = man.find("\n.SH OPTIONS").expect("OPTIONS section");
+    let end = man[start + 1..]
+        .find("\n.SH ")
+        .map_or(man.len(), |e| start + 1 + e);
+    let lines: Vec<&str> = man[start..end].lines().collect();
+    let mut out: Vec<(String, BTreeSet<String>)> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(name) = line.strip_prefix(".SS ") {
+            out.push((name.trim().trim_matches('"').to_string(), BTreeSet::new()));
+        } else if *line == ".TP"
+            && let Some(head) = lines.get(i + 1)
+        {
+            let (name, opts) = out
+                .last_mut()
+                .unwrap_or_else(|| panic!("OPTIONS item before any .SS: {head}"));
+            let found = options_in(head);
+            assert!(!found.is_empty(), "no option in {name}'s item {head:?}");
+            opts.extend(found);
+        }
+    }
+    out
+}
+
+fn man_options_for(cmd: Option<&str>) -> BTreeSet<String> {
+    let sections = man_options_by_subsection();
+    let mut out = BTreeSet::new();
+    for want in man_subsections(cmd) {
+        let (_, opts) = sections
+            .iter()
+            .find(|(name, _)| name == want)
+            .unwrap_or_else(|| panic!("no .SS {want} in OPTIONS: {sections:?}"));
+        out.extend(opts.iter().cloned());
+    }
+    out
+}
+
+/// Both directions: `expected` (from --help) against `have`.
+fn assert_same(what: &str, expected: &BTreeSet<String>, have: &BTreeSet<String>) {
+    let missing: Vec<_> = expected.difference(have).collect();
+    let stale: Vec<_> = have.difference(expected).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "{what}: lacks {missing:?} that --help lists; offers {stale:?} that --help does not"
+    );
+}
+
+fn commands() -> Vec<Option<&'static str>> {
+    std::iter::once(None)
+        .chain(COMMANDS.iter().copied().map(Some))
+        .collect()
+}
+
+#[test]
+fn each_command_help_matches_its_man_subsection() {
+    // The parser itself: a few options it must see.
+    let run = help_options(Some("run"));
+    for o in [
+        "-l",
+        "--listen",
+        "-C",
+        "--chdir",
+        "-q",
+        "-v",
+        "-h",
+        "--env-file",
+    ] {
+        assert!(run.contains(o), "{o} not parsed from run --help: {run:?}");
+    }
+    let top = help_options(None);
+    for o in ["-h", "--help", "-V", "--version"] {
+        assert!(top.contains(o), "{o} not parsed from --help: {top:?}");
+    }
+    // Every subsection is one the mapping knows.
+    let known: BTreeSet<&str> = commands().into_iter().flat_map(man_subsections).collect();
+    for (name, _) in man_options_by_subsection() {
+        assert!(
+            known.contains(name.as_str()),
+            "OPTIONS has a .SS {name} this test does not map to a command"
+        );
+    }
+    for cmd in commands() {
+        assert_same(
+            &format!(
+                "man page OPTIONS for {}",
+                cmd.unwrap_or("containerflip alone")
+            ),
+            &help_options(cmd),
+            &man_options_for(cmd),
+        );
+    }
+}
+
+fn completion(file: &str) -> String {
+    std::fs::read_to_string(root().join("contrib/completions").join(file)).expect("completion file")
+}
+
+/// The bash `case $cmd in` arms: `ARM) opts="..."`. bash offers long
+/// options only.
+fn bash_options(cmd: Option<&str>) -> BTreeSet<String> {
+    let text = completion("containerflip.bash");
+    let block = text
+        .split_once("case $cmd in")
+        .expect("case $cmd in")
+        .1
+        .split_once("esac")
+        .expect("esac")
+        .0;
+    let mut found = None;
+    for line in block.lines() {
+        let Some((arm, rest)) = line.trim().split_once(')') else {
+            continue;
+        };
+        let matches = match cmd {
+            None => arm == "*",
+            Some(c) => arm.split('|').any(|a| a == c),
+        };
+        if matches {
+            assert!(found.is_none(), "two bash arms for {cmd:?}");
+            let opts = rest.split('"').nth(1).expect("opts=\"...\"");
+            found = Some(options_in(opts));
+        }
+    }
+    found.unwrap_or_else(|| panic!("no bash arm for {cmd:?}"))
+}
+
+/// fish: `complete` lines whose condition applies to the command (or, for
+/// the program alone, `not __fish_seen_subcommand_from $commands`).
+fn fish_options(cmd: Option<&str>) -> BTreeSet<String> {
+    let text = completion("containerflip.fish");
+    let mut out = BTreeSet::new();
+    for line in text.lines().filter(|l| l.starts_with("complete ")) {
+        let Some(cond) = line.split("-n \"").nth(1).and_then(|r| r.split('"').next()) else {
+            continue;
+        };
+        let applies = match (cmd, cond.strip_prefix("not ")) {
+            (None, Some(_)) => true,
+            (None, None) | (Some(_), Some(_)) => false,
+            (Some(c), None) => {
+                let from = cond
+                    .strip_prefix("__fish_seen_subcommand_from ")
+                    .unwrap_or_else(|| panic!("unexpected fish condition {cond:?}"));
+                from.split_whitespace().any(|w| w == c || w == "$commands")
+            }
+        };
+        if !applies {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for w in words.windows(2) {
+            match w[0] {
+                "-l" => out.insert(format!("--{}", w[1])),
+                "-s" => out.insert(format!("-{}", w[1])),
+                _ => false,
+            };
+        }
+    }
+    out
+}
+
+/// zsh: the `case $words[2] in` arms (`$control` is the --control spec),
+/// and the `CURRENT == 2` block for the program alone.
+fn zsh_options(cmd: Option<&str>) -> BTreeSet<String> {
+    let text = completion("_containerflip");
+    let block = match cmd {
+        None => text
+            .split_once("if (( CURRENT == 2 )); then")
+            .expect("the CURRENT == 2 block")
+            .1
+            .split_once("fi")
+            .expect("fi")
+            .0
+            .lines()
+            .filter(|l| l.contains("_arguments"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Some(c) => {
+            let arms = text
+                .split_once("case $words[2] in")
+                .expect("case $words[2] in")
+                .1
+                .split_once("esac")
+                .expect("esac")
+                .0;
+            let mut found = None;
+            for arm in arms.split(";;") {
+                let arm = arm.trim_start();
+                let Some((pattern, body)) = arm.split_once(')') else {
+                    continue;
+                };
+                if pattern.split('|').any(|p| p.trim() == c) {
+                    assert!(found.is_none(), "two zsh arms for {c}");
+                    found = Some(body.replace("\"$control\"", "'--control[control socket]'"));
+                }
+            }
+            found.unwrap_or_else(|| panic!("no zsh arm for {c}"))
+        }
+    };
+    options_in(&block)
+}
+
+#[test]
+fn each_command_completions_offer_its_options() {
+    for cmd in commands() {
+        let name = cmd.unwrap_or("containerflip alone");
+        let help = help_options(cmd);
+        let longs: BTreeSet<String> = help
+            .iter()
+            .filter(|o| o.starts_with("--"))
+            .cloned()
+            .collect();
+        assert_same(&format!("bash, {name}"), &longs, &bash_options(cmd));
+        assert_same(&format!("fish, {name}"), &help, &fish_options(cmd));
+        assert_same(&format!("zsh, {name}"), &help, &zsh_options(cmd));
+    }
+}
+
 #[test]
 fn man_page_renders_without_warnings() {
     let out = Command::new("groff")

@@ -397,17 +397,36 @@ fn recv_until(sock: &UnixDatagram, flag: &str, log: &mut Vec<String>) -> String 
 fn speaks_sd_notify_upward(dir: &TempDir, sock: UnixDatagram, notify_socket: &str) {
     sock.set_read_timeout(Some(DEADLINE)).unwrap();
     let control = control_path(dir);
+    let env_file = dir.join("worker.env");
+    write_file(&env_file, "");
     let mut sup = Supervisor::start(
         dir,
-        &run_args(&control, &["--drain-timeout", "10s"]),
+        &run_args(
+            &control,
+            &[
+                "--drain-timeout",
+                "10s",
+                "--env-file",
+                env_file.to_str().unwrap(),
+            ],
+        ),
         &[
             ("NOTIFY_SOCKET", notify_socket),
             ("RUNTIME_DIRECTORY", dir.str()),
         ],
     );
     let mut log = Vec::new();
-    recv_until(&sock, "READY", &mut log);
+    let first = recv_until(&sock, "READY", &mut log);
     let w1 = sup.wait_ready(1);
+    // STATUS= names the active generation and its pid.
+    let status = first
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .unwrap_or_else(|| panic!("the first READY=1 has no STATUS=: {first:?}"));
+    assert!(
+        status.contains(&format!("gen 1 pid {w1}")),
+        "STATUS={status:?} does not name gen 1 pid {w1}"
+    );
     // The worker has its generation's notify socket, never ours.
     let start = start_record(&sup.records, w1);
     assert_ne!(start.must("env.NOTIFY_SOCKET"), notify_socket);
@@ -430,6 +449,18 @@ fn speaks_sd_notify_upward(dir: &TempDir, sock: UnixDatagram, notify_socket: &st
     recv_until(&sock, "READY", &mut log);
     sup.wait_ready(2);
 
+    // A failed deploy is a reload too, and ends with READY=1: the previous
+    // generation still serves.
+    write_file(&env_file, "WORKER_EXIT_BEFORE_READY=1\n");
+    sup.signal(libc::SIGHUP);
+    recv_until(&sock, "RELOADING", &mut log);
+    let after_failure = recv_until(&sock, "READY", &mut log);
+    sup.wait_gen(3, "deploy failed");
+    assert!(
+        !after_failure.lines().any(|l| l.contains("gen 3")),
+        "READY=1 after the failed deploy names gen 3: {after_failure:?}"
+    );
+
     sup.signal(libc::SIGTERM);
     recv_until(&sock, "STOPPING", &mut log);
     assert!(sup.wait_exit().success());
@@ -442,7 +473,14 @@ fn speaks_sd_notify_upward(dir: &TempDir, sock: UnixDatagram, notify_socket: &st
     let sequence: Vec<&str> = log.iter().flat_map(|m| flags(m)).collect();
     assert_eq!(
         sequence,
-        ["READY", "RELOADING", "READY", "STOPPING"],
+        [
+            "READY",
+            "RELOADING",
+            "READY",
+            "RELOADING",
+            "READY",
+            "STOPPING"
+        ],
         "datagrams: {log:?}"
     );
 }

@@ -161,6 +161,29 @@ impl Supervisor {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        // Drop recognises its processes by this variable (pids are reused:
+        // a pid alone does not say a process is still ours).
+        if !cmd.get_envs().any(|(k, _)| k == "WORKER_RECORD") {
+            cmd.env("WORKER_RECORD", dir.path());
+        }
+        // A test binary killed half-way (SIGKILL, a panic in another thread
+        // aborting it) must leave no supervisor behind: SIGTERM, a graceful
+        // stop, when the thread that started it dies.
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: prctl(2), getppid(2) and raise(3) are async-signal-safe
+        // and take no pointers; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The parent died before the prctl: no signal will come.
+                if libc::getppid() != parent {
+                    libc::raise(libc::SIGTERM);
+                }
+                Ok(())
+            });
+        }
         // Its own process group, so Drop can kill it and anything still in
         // its group without touching the test runner.
         cmd.process_group(0)
@@ -357,8 +380,53 @@ impl Supervisor {
     }
 }
 
+impl Supervisor {
+    /// Whether `pid` is a process of this supervisor's (itself, a worker,
+    /// anything they started): its environment carries our records
+    /// directory. A pid read from a log may have been reused since.
+    fn owns(&self, pid: u32) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let mut marker = b"WORKER_RECORD=".to_vec();
+        marker.extend_from_slice(self.records.as_os_str().as_bytes());
+        marker.push(0);
+        fs::read(format!("/proc/{pid}/environ"))
+            .is_ok_and(|env| env.split_inclusive(|&b| b == 0).any(|v| v == marker))
+    }
+
+    /// SIGKILL to process group `pgid` if it is still ours: its leader is
+    /// alive and ours (then the group id cannot be reused), else each
+    /// member that is ours.
+    fn kill_group(&self, pgid: u32) {
+        if process_group(pgid) == Some(pgid) && self.owns(pgid) {
+            kill(-(pgid as i32), libc::SIGKILL);
+            return;
+        }
+        for pid in all_pids() {
+            if process_group(pid) == Some(pgid) && self.owns(pid) {
+                kill(pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Every pid in /proc.
+fn all_pids() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 impl Drop for Supervisor {
     fn drop(&mut self) {
+        if self.status.is_none()
+            && let Ok(s) = self.exit.try_recv()
+        {
+            self.status = Some(s);
+        }
         if self.status.is_none() {
             // A stop, then the second signal that kills everything at once,
             // so the supervisor still removes its runtime directory. SIGKILL
@@ -373,17 +441,26 @@ impl Drop for Supervisor {
                 status = self.exit.recv_timeout(Duration::from_secs(10)).ok();
             }
             if status.is_none() {
-                kill(-(self.pid as i32), libc::SIGKILL);
-                let _ = self.exit.recv_timeout(DEADLINE);
+                // Not reaped yet (the thread that waits for it has not
+                // sent its status): the pid, and so its group, is ours.
+                match self.exit.try_recv() {
+                    Err(mpsc::TryRecvError::Empty) => {
+                        kill(-(self.pid as i32), libc::SIGKILL);
+                        let _ = self.exit.recv_timeout(DEADLINE);
+                    }
+                    _ => self.kill_group(self.pid),
+                }
             }
+        } else {
+            // It exited; whatever is left of its group (a test that failed
+            // half-way) is killed, if ours.
+            self.kill_group(self.pid);
         }
         // Workers live in their own process groups; a leftover one (a test
-        // that failed half-way) is killed with its group. Only groups that
-        // still exist with that pid as leader.
+        // that failed half-way) is killed with its group, only if the
+        // processes are still ours.
         for pid in self.generation_pids() {
-            if process_group(pid) == Some(pid) {
-                kill(-(pid as i32), libc::SIGKILL);
-            }
+            self.kill_group(pid);
         }
         // Grandchildren that left the group (WORKER_SPAWN=daemon).
         if let Ok(dir) = fs::read_dir(&self.records) {
@@ -397,6 +474,7 @@ impl Drop for Supervisor {
                 }
                 if let Some(pid) = read_pid(&entry.path())
                     && is_worker_process(pid)
+                    && self.owns(pid)
                 {
                     kill(pid as i32, libc::SIGKILL);
                 }
@@ -526,7 +604,8 @@ impl Response {
             .map(|(_, v)| v.as_str())
     }
 
-    /// `X-Generation` as a number (0 when missing).
+    /// `X-Generation` as a number (0 when missing or not a number, which
+    /// `summarize` counts as a failure: every worker answer carries it).
     pub fn generation(&self) -> u64 {
         self.header("x-generation")
             .and_then(|g| g.parse().ok())
@@ -741,14 +820,26 @@ pub fn summarize(outcomes: &[Outcome]) -> (Vec<String>, HashSet<u64>) {
     let mut gens = HashSet::new();
     for o in outcomes {
         match &o.result {
-            Ok(r) if r.status / 100 == 2 => {
+            Ok(r) if r.status / 100 == 2 && r.generation() > 0 => {
                 gens.insert(r.generation());
             }
+            Ok(r) if r.status / 100 == 2 => failures.push(format!(
+                "status {} without a valid X-Generation: {:?}",
+                r.status,
+                r.header("x-generation")
+            )),
             Ok(r) => failures.push(format!("status {}", r.status)),
             Err(e) => failures.push(e.clone()),
         }
     }
     (failures, gens)
+}
+
+/// Says a test was skipped (a tool or a privilege it needs is missing)
+/// where `cargo test` shows it: straight to stderr, which the test
+/// harness does not capture (it captures `print!`/`eprint!` only).
+pub fn skipped(test: &str, why: &str) {
+    let _ = writeln!(io::stderr(), "SKIPPED {test}: {why}");
 }
 
 /// `sh -c` that, when `$HOLD` names a FIFO, waits for a line on it before
