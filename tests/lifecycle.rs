@@ -1,0 +1,635 @@
+//! Life-cycle features no other module proves: `--on-crash exit`,
+//! `STOPPING=1` asking for a replacement, `EXTEND_TIMEOUT_USEC`, `ERRNO=`,
+//! forwarded signals, the crash-restart backoff and a deploy that cuts it
+//! short, `deploy --timeout`, an idle supervisor that makes no system calls,
+//! and the notify socket's credential check.
+//!
+//! As everywhere in the suite: each supervisor has its own temp dir,
+//! control socket and `127.0.0.1:0` listener; waits are for events, never
+//! for time. Where a deadline has to have passed, another supervisor with
+//! the same deadline, started later, is the clock: its failure proves it.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::Instant;
+
+use crate::common::*;
+
+// ---------------------------------------------------------------------------
+// Private helpers.
+
+fn control(dir: &TempDir) -> PathBuf {
+    dir.join("control.sock")
+}
+
+/// `--listen 127.0.0.1:0 EXTRA -- worker`.
+fn worker_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", worker()]);
+    args
+}
+
+/// `containerflip VERB --control DIR/control.sock ARGS`, unstarted.
+fn client_cmd(dir: &TempDir, verb: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.arg(verb)
+        .arg("--control")
+        .arg(control(dir))
+        .args(args)
+        .env_remove("CONTAINERFLIP_CONTROL")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn client(dir: &TempDir, verb: &str, args: &[&str]) -> Output {
+    client_cmd(dir, verb, args)
+        .output()
+        .expect("run a containerflip client")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A client command in the background, its stdout read line by line.
+struct Bg {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl Bg {
+    fn spawn(mut cmd: Command) -> Bg {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn a containerflip client");
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let stderr = thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        Bg {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+        }
+    }
+
+    fn wait_line(&mut self, needle: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "timed out waiting for {needle:?}; client said {:?}",
+                        self.seen
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("client exited before {needle:?}; it said {:?}", self.seen)
+                }
+            }
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits for the client to end: (exit code, stdout lines, stderr).
+    fn finish(mut self) -> (Option<i32>, Vec<String>, String) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!("client did not finish; it said {:?}", self.seen);
+                }
+            }
+        }
+        let status = self.child.wait().expect("wait for the client");
+        let stderr = self.stderr.take().unwrap().join().unwrap();
+        (status.code(), std::mem::take(&mut self.seen), stderr)
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The notify socket of worker `pid` (from its start record).
+fn notify_socket(dir: &Path, pid: u32) -> String {
+    start_record(dir, pid).must("env.NOTIFY_SOCKET").to_string()
+}
+
+fn send_dgram(path: &str, msg: &[u8]) {
+    UnixDatagram::unbound()
+        .unwrap()
+        .send_to(msg, path)
+        .unwrap_or_else(|e| panic!("send {:?} to {path}: {e}", text(msg)));
+}
+
+fn served_gen(addr: std::net::SocketAddr) -> u64 {
+    let r = get(addr, "/").expect("GET /");
+    assert_eq!(r.status, 200, "{r:?}");
+    r.generation()
+}
+
+/// The JSON object of `status --json`, as text.
+fn status_json(dir: &TempDir) -> String {
+    let out = client(dir, "status", &["--json"]);
+    assert_eq!(out.status.code(), Some(0), "status --json: {out:?}");
+    text(&out.stdout)
+}
+
+/// The generation object for `pid` in the status JSON (text between its
+/// braces), so a test can check its state without a JSON parser.
+fn gen_json(json: &str, pid: u32) -> String {
+    let key = format!("\"pid\":{pid},");
+    let at = json
+        .find(&key)
+        .unwrap_or_else(|| panic!("no generation with pid {pid} in {json}"));
+    let start = json[..at].rfind('{').unwrap();
+    let end = at + json[at..].find('}').unwrap();
+    json[start..=end].to_string()
+}
+
+// ---------------------------------------------------------------------------
+// --on-crash exit.
+
+#[test]
+fn on_crash_exit_stops_with_the_crashed_workers_status() {
+    let dir = TempDir::new("oncrash");
+    let mut sup = Supervisor::start(&dir, &worker_args(&["--on-crash", "exit"]), &[]);
+    let addr = sup.listen_addr();
+    let pid = sup.wait_ready(1);
+    assert_eq!(served_gen(addr), 1);
+    kill(pid as i32, libc::SIGKILL);
+    let status = sup.wait_exit();
+    assert_eq!(status.code(), Some(137), "128 + SIGKILL: {status}");
+    let why = sup.wait_line("crashed");
+    assert!(
+        why.starts_with(&format!("containerflip: gen 1 pid {pid} crashed"))
+            && why.contains("SIGKILL")
+            && why.contains("--on-crash exit"),
+        "{why}"
+    );
+    assert_eq!(sup.count("containerflip: gen 2 "), 0, "nothing restarted");
+    assert_eq!(sup.count("restarting in"), 0);
+}
+
+// ---------------------------------------------------------------------------
+// Notify keys.
+
+#[test]
+fn stopping_from_the_active_generation_starts_its_replacement() {
+    let dir = TempDir::new("stopping");
+    let sup = Supervisor::start(&dir, &worker_args(&[]), &[]);
+    let addr = sup.listen_addr();
+    let p1 = sup.wait_ready(1);
+    let sock = notify_socket(&sup.records, p1);
+    assert_eq!(served_gen(addr), 1);
+
+    send_dgram(&sock, b"STOPPING=1");
+    sup.wait_line(&format!("gen 1 pid {p1} is leaving on its own"));
+    let p2 = sup.wait_ready(2);
+    assert_ne!(p1, p2);
+    sup.wait_gen(1, "draining");
+    wait_event(&sup.records, p1, "signal 15");
+    sup.wait_gen(1, "exited with status 0");
+    for _ in 0..5 {
+        assert_eq!(served_gen(addr), 2);
+    }
+    assert_eq!(sup.count("crashed"), 0, "{:?}", sup.lines());
+    assert_eq!(sup.count("containerflip: gen 3 "), 0, "one replacement");
+    let json = status_json(&dir);
+    assert!(
+        gen_json(&json, p2).contains("\"state\":\"ready\""),
+        "{json}"
+    );
+}
+
+/// EXTEND_TIMEOUT_USEC moves a starting generation's ready deadline. The
+/// clock is a second supervisor with the same `--ready-timeout`, started
+/// after the first one's generation was spawned: once it has given up, the
+/// first one's original deadline has passed.
+#[test]
+fn extend_timeout_moves_the_ready_deadline() {
+    let args = worker_args(&["--ready-timeout", "3s"]);
+    let env = [("WORKER_NO_READY", "1")];
+    let dir_a = TempDir::new("extend-a");
+    let a = Supervisor::start(&dir_a, &args, &env);
+    let addr = a.listen_addr();
+    let (pa, _) = a.wait_gen(1, "spawned");
+    let sock = notify_socket(&a.records, pa);
+    send_dgram(&sock, b"EXTEND_TIMEOUT_USEC=60000000");
+    a.wait_line(&format!("gen 1 pid {pa} extended its starting deadline"));
+
+    let dir_b = TempDir::new("extend-b");
+    let mut clock = Supervisor::start(&dir_b, &args, &env);
+    clock.wait_line("no READY=1 within 3s");
+    assert_eq!(clock.wait_exit().code(), Some(1));
+
+    assert_eq!(a.count("no READY=1 within"), 0, "{:?}", a.lines());
+    assert_eq!(a.count("deploy failed"), 0, "{:?}", a.lines());
+    assert!(pid_exists(pa));
+    let json = status_json(&dir_a);
+    assert!(
+        gen_json(&json, pa).contains("\"state\":\"starting\""),
+        "{json}"
+    );
+
+    send_dgram(&sock, b"READY=1");
+    assert_eq!(a.wait_ready(1), pa);
+    assert_eq!(served_gen(addr), 1);
+}
+
+#[test]
+fn errno_is_logged() {
+    let dir = TempDir::new("errno");
+    let sup = Supervisor::start(&dir, &worker_args(&[]), &[]);
+    let addr = sup.listen_addr();
+    let p1 = sup.wait_ready(1);
+    send_dgram(&notify_socket(&sup.records, p1), b"ERRNO=5");
+    let line = sup.wait_line(&format!("gen 1 pid {p1} reported ERRNO=5"));
+    assert!(line.contains("Input/output error"), "{line}");
+    assert_eq!(served_gen(addr), 1, "nothing else changes");
+    assert_eq!(sup.count("containerflip: gen 2 "), 0);
+}
+
+const NOBODY: u32 = 65534;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// READY=1 from uid 65534 on a starting generation's notify socket is
+/// refused; the generation stays starting until its own uid says READY=1.
+#[test]
+fn ready_from_another_uid_is_refused() {
+    if !is_root() {
+        println!("skipped: needs root to send as another uid");
+        return;
+    }
+    let dir = TempDir::new("notify-uid");
+    let sup = Supervisor::start(&dir, &worker_args(&["-v"]), &[("WORKER_NO_READY", "1")]);
+    let addr = sup.listen_addr();
+    let (p1, _) = sup.wait_gen(1, "spawned");
+    let sock = notify_socket(&sup.records, p1);
+    // Connected as root (the runtime directory is 0700); the message is
+    // sent by a thread that then runs as nobody, and the credentials the
+    // kernel attaches are the sender's at send time.
+    let s = UnixDatagram::unbound().unwrap();
+    s.connect(&sock).expect("connect to the notify socket");
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: raw system calls with integer arguments; they
+                // change this thread's credentials only, and it ends here.
+                unsafe {
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
+                        0
+                    );
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
+                        0
+                    );
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
+                        0
+                    );
+                }
+                s.send(b"READY=1").expect("send as nobody");
+            })
+            .join()
+            .unwrap()
+    });
+    let line = sup.wait_line("refused");
+    assert!(
+        line.starts_with(&format!("containerflip: gen 1 pid {p1} ")) && line.contains("65534"),
+        "{line}"
+    );
+    // Everything sent before this marker has been read.
+    send_dgram(&sock, b"STATUS=after-nobody");
+    sup.wait_line(&format!("gen 1 pid {p1} STATUS=after-nobody"));
+    assert_eq!(sup.count(" ready in "), 0, "{:?}", sup.lines());
+    let json = status_json(&dir);
+    assert!(
+        gen_json(&json, p1).contains("\"state\":\"starting\""),
+        "{json}"
+    );
+    // The same message from our own uid is heard.
+    send_dgram(&sock, b"READY=1");
+    assert_eq!(sup.wait_ready(1), p1);
+    assert_eq!(served_gen(addr), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Forwarded signals.
+
+/// A worker that records every signal it gets (`signal N` lines in
+/// argv[1]), sends READY=1 itself and exits 0 on SIGTERM.
+const PY_SIGNALS: &str = r#"
+import os, signal, socket, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def on(sig, frame):
+    os.write(fd, b"signal %d\n" % sig)
+    if sig == signal.SIGTERM:
+        sys.exit(0)
+for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT,
+          signal.SIGWINCH, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP):
+    signal.signal(s, on)
+path = os.environ["NOTIFY_SOCKET"]
+if path.startswith("@"):
+    path = "\0" + path[1:]
+n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+n.sendto(b"READY=1", path)
+n.close()
+while True:
+    signal.pause()
+"#;
+
+#[test]
+fn quit_winch_ttin_ttou_usr1_usr2_reach_the_active_worker() {
+    let dir = TempDir::new("fwd");
+    let script = dir.join("signals.py");
+    fs::write(&script, PY_SIGNALS).unwrap();
+    let record = dir.join("signals");
+    let mut sup = Supervisor::start(
+        &dir,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--",
+            "python3",
+            script.to_str().unwrap(),
+            record.to_str().unwrap(),
+        ],
+        &[],
+    );
+    sup.wait_ready(1);
+    let got = || -> Vec<String> {
+        fs::read_to_string(&record)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let mut want = Vec::new();
+    for sig in [
+        libc::SIGQUIT,
+        libc::SIGWINCH,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ] {
+        sup.signal(sig);
+        want.push(format!("signal {sig}"));
+        wait_until(&format!("the worker to record signal {sig}"), || {
+            got().len() >= want.len()
+        });
+        assert_eq!(got(), want, "each signal once, in order");
+    }
+    // None of them stopped, deployed or killed anything.
+    assert!(pid_exists(sup.pid));
+    assert_eq!(sup.count("containerflip: gen 2 "), 0, "{:?}", sup.lines());
+    assert_eq!(sup.count("stopping"), 0);
+    sup.signal(libc::SIGTERM);
+    assert!(sup.wait_exit().success());
+    want.push(format!("signal {}", libc::SIGTERM));
+    assert_eq!(got(), want);
+}
+
+// ---------------------------------------------------------------------------
+// Crash restarts.
+
+/// Every restart fails (the env file makes new workers exit 1 before
+/// READY=1): the backoff doubles from 100 ms. A deploy during the backoff
+/// starts at once: its result comes before any further restart.
+#[test]
+fn crash_restart_backoff_doubles_and_a_deploy_cuts_it_short() {
+    let dir = TempDir::new("backoff");
+    let env_file = dir.join("env");
+    write_file(&env_file, "");
+    let sup = Supervisor::start(
+        &dir,
+        &worker_args(&["--env-file", env_file.to_str().unwrap()]),
+        &[],
+    );
+    let addr = sup.listen_addr();
+    let p1 = sup.wait_ready(1);
+    write_file(&env_file, "WORKER_EXIT_BEFORE_READY=1\n");
+    kill(p1 as i32, libc::SIGKILL);
+
+    let want = ["100ms", "200ms", "400ms", "800ms", "1600ms"];
+    let fifth = sup.wait_for_nth("the fifth restart delay", want.len(), |l| {
+        l.contains("restarting in ")
+    });
+    // `gen K pid P: nothing is serving; restarting in …`: K is the newest.
+    let newest: u64 = fifth
+        .strip_prefix("containerflip: gen ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|k| k.parse().ok())
+        .unwrap_or_else(|| panic!("no generation in {fifth:?}"));
+    let delays: Vec<String> = sup
+        .lines()
+        .iter()
+        .filter_map(|l| l.split_once("restarting in ").map(|(_, d)| d.to_string()))
+        .take(want.len())
+        .collect();
+    assert_eq!(delays, want, "{:?}", sup.lines());
+    // Each restart in between failed.
+    assert!(sup.count("deploy failed: exited with status 1 before READY=1") >= want.len() - 1);
+
+    // A deploy of a command that comes up despite the env file.
+    let out = client(
+        &dir,
+        "deploy",
+        &["--", "env", "-u", "WORKER_EXIT_BEFORE_READY", worker()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let result = text(&out.stdout);
+    let last = result.lines().last().unwrap_or("").to_string();
+    let n: u64 = last
+        .strip_prefix("deployed gen ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a deployed line: {result:?}"));
+    assert_eq!(
+        n,
+        newest + 1,
+        "a backoff restart ran before the deploy: {:?}",
+        sup.lines()
+    );
+    sup.wait_ready(n);
+    let lines = sup.lines();
+    let ready_at = lines
+        .iter()
+        .position(|l| {
+            l.starts_with(&format!("containerflip: gen {n} pid ")) && l.contains(" ready in ")
+        })
+        .unwrap();
+    let restarts_before: Vec<&String> = lines[..ready_at]
+        .iter()
+        .filter(|l| l.contains("restarting in "))
+        .collect();
+    assert_eq!(
+        restarts_before.len(),
+        want.len(),
+        "the deploy waited out the backoff: {lines:?}"
+    );
+    assert_eq!(served_gen(addr), n);
+    // And the pending restart was dropped: nothing else starts.
+    assert_eq!(
+        sup.count(&format!("containerflip: gen {} ", n + 1)),
+        0,
+        "{lines:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// deploy --timeout.
+
+/// `deploy --timeout 0` waits for a held generation; a `deploy --timeout
+/// 1s` started after it gives up (exit 1) while the first still waits;
+/// the supervisor carries on and both deploys complete.
+#[test]
+fn deploy_timeout_gives_up_and_zero_waits() {
+    let dir = TempDir::new("dtimeout");
+    let env_file = dir.join("env");
+    write_file(&env_file, "");
+    let fifo = dir.join("hold");
+    mkfifo(&fifo);
+    let sup = Supervisor::start(
+        &dir,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--env-file",
+            env_file.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            HOLD_SCRIPT,
+            worker(),
+        ],
+        &[],
+    );
+    let addr = sup.listen_addr();
+    sup.wait_ready(1);
+    write_file(&env_file, &format!("HOLD={}\n", fifo.display()));
+
+    let mut waiting = Bg::spawn(client_cmd(&dir, "deploy", &["--timeout", "0"]));
+    waiting.wait_line("spawned gen 2");
+
+    let out = client(&dir, "deploy", &["--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(said.contains("gave up waiting"), "{said}");
+    assert!(waiting.running(), "deploy --timeout 0 gave up");
+    assert!(pid_exists(sup.pid));
+    assert_eq!(sup.count(" ready in "), 1, "gen 2 is still held");
+
+    write_file(&env_file, "");
+    release(&fifo);
+    let (code, lines, stderr) = waiting.finish();
+    assert_eq!(code, Some(0), "{lines:?} {stderr}");
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.starts_with("deployed gen 2 ")),
+        "{lines:?}"
+    );
+    // The deploy whose client gave up still runs (queued behind gen 2).
+    sup.wait_ready(3);
+    sup.wait_gen(2, "exited");
+    assert_eq!(served_gen(addr), 3);
+}
+
+// ---------------------------------------------------------------------------
+// Idle.
+
+/// (voluntary, nonvoluntary) context switches of `pid`.
+fn ctxt_switches(pid: u32) -> (u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (
+        field("voluntary_ctxt_switches:"),
+        field("nonvoluntary_ctxt_switches:"),
+    )
+}
+
+/// Traffic to the worker does not involve the supervisor, and an idle
+/// supervisor has no timer to wake it: it stays asleep in poll(2) (its
+/// voluntary context switches do not change). Reading /proc does not wake
+/// it. One slow request makes the window longer than a second, so a
+/// periodic tick would show. Up to three tries, in case the supervisor had
+/// not quite gone back to sleep after the first generation came up.
+#[test]
+fn an_idle_supervisor_makes_no_system_calls() {
+    let dir = TempDir::new("idle");
+    let sup = Supervisor::start(&dir, &worker_args(&[]), &[]);
+    let addr = sup.listen_addr();
+    sup.wait_ready(1);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        wait_until("the supervisor to sleep", || {
+            stat_field(sup.pid, 3).as_deref() == Some("S")
+        });
+        let before = ctxt_switches(sup.pid);
+        for _ in 0..50 {
+            assert_eq!(served_gen(addr), 1);
+        }
+        let r = get(addr, "/slow?ms=1100").expect("GET /slow");
+        assert_eq!(r.status, 200);
+        let after = ctxt_switches(sup.pid);
+        if before.0 == after.0 {
+            return;
+        }
+        seen.push((before, after));
+    }
+    panic!("the supervisor woke up while idle (voluntary, nonvoluntary): {seen:?}");
+}
