@@ -249,7 +249,9 @@ fn stopping_from_the_active_generation_starts_its_replacement() {
 /// first one's original deadline has passed.
 #[test]
 fn extend_timeout_moves_the_ready_deadline() {
-    let args = worker_args(&["--ready-timeout", "3s"]);
+    // 10 s: the window in which EXTEND must arrive, generous on a busy
+    // machine (it is a safety margin, not something the test measures).
+    let args = worker_args(&["--ready-timeout", "10s"]);
     let env = [("WORKER_NO_READY", "1")];
     let dir_a = TempDir::new("extend-a");
     let a = Supervisor::start(&dir_a, &args, &env);
@@ -261,7 +263,7 @@ fn extend_timeout_moves_the_ready_deadline() {
 
     let dir_b = TempDir::new("extend-b");
     let mut clock = Supervisor::start(&dir_b, &args, &env);
-    clock.wait_line("no READY=1 within 3s");
+    clock.wait_line("no READY=1 within 10s");
     assert_eq!(clock.wait_exit().code(), Some(1));
 
     assert_eq!(a.count("no READY=1 within"), 0, "{:?}", a.lines());
@@ -458,16 +460,20 @@ fn crash_restart_backoff_doubles_and_a_deploy_cuts_it_short() {
     write_file(&env_file, "WORKER_EXIT_BEFORE_READY=1\n");
     kill(p1 as i32, libc::SIGKILL);
 
-    let want = ["100ms", "200ms", "400ms", "800ms", "1600ms"];
-    let fifth = sup.wait_for_nth("the fifth restart delay", want.len(), |l| {
+    // Up to 6.4 s, so the deploy below has a generous window to arrive
+    // while the supervisor waits out the backoff.
+    let want = [
+        "100ms", "200ms", "400ms", "800ms", "1600ms", "3200ms", "6400ms",
+    ];
+    let last_delay = sup.wait_for_nth("the seventh restart delay", want.len(), |l| {
         l.contains("restarting in ")
     });
     // `gen K pid P: nothing is serving; restarting in …`: K is the newest.
-    let newest: u64 = fifth
+    let newest: u64 = last_delay
         .strip_prefix("containerflip: gen ")
         .and_then(|r| r.split(' ').next())
         .and_then(|k| k.parse().ok())
-        .unwrap_or_else(|| panic!("no generation in {fifth:?}"));
+        .unwrap_or_else(|| panic!("no generation in {last_delay:?}"));
     let delays: Vec<String> = sup
         .lines()
         .iter()
