@@ -108,7 +108,7 @@ export class Lines extends EventEmitter {
 /**
  * A unix stream socket standing in for the supervisor's notify socket.
  * `messages` receives the full text of each connection; `next()` waits for
- * the next one.
+ * the next one; `soFar()` returns every message sent before it was called.
  */
 export async function notifyServer(t, { abstract = false } = {}) {
   const name = `cf-node-notify-${process.pid}-${Math.random().toString(36).slice(2)}`;
@@ -123,13 +123,24 @@ export async function notifyServer(t, { abstract = false } = {}) {
   }
   const events = new EventEmitter();
   const messages = [];
+  // Every accepted connection, in accept order, with a promise for its end.
+  // A unix socket's accept queue is FIFO, so a connection whose connect(2)
+  // came before another's is accepted before it.
+  const conns = [];
   const server = net.createServer((sock) => {
+    const seq = conns.length;
     let data = '';
+    const closed = new Promise((resolve) => sock.once('close', resolve));
+    conns.push(closed);
     sock.setEncoding('utf8');
     sock.on('data', (d) => { data += d; });
     sock.on('end', () => {
-      messages.push(data);
-      events.emit('message', data);
+      if (data.startsWith('PROBE=')) {
+        events.emit('probe', data, seq);
+      } else {
+        messages.push(data);
+        events.emit('message', data);
+      }
       sock.end();
     });
     sock.on('error', () => {});
@@ -159,7 +170,49 @@ export async function notifyServer(t, { abstract = false } = {}) {
       if (messages.length > 0) return Promise.resolve(messages[0]);
       return this.next(what);
     },
+    /**
+     * Every message from a connection opened before this call: connects a
+     * probe, and once the probe is in, waits for every connection accepted
+     * before it to close. (Probe messages are never in `messages`.)
+     */
+    async soFar() {
+      const token = `PROBE=${Math.random().toString(36).slice(2)}\n`;
+      const probeSeq = withDeadline(new Promise((resolve) => {
+        const onProbe = (data, seq) => {
+          if (data !== token) return;
+          events.off('probe', onProbe);
+          resolve(seq);
+        };
+        events.on('probe', onProbe);
+      }), 'our notify probe');
+      const probe = net.createConnection(server.address());
+      probe.on('error', () => {});
+      probe.end(token);
+      const seq = await probeSeq;
+      await withDeadline(Promise.all(conns.slice(0, seq)), 'earlier notify connections to close');
+      return [...messages];
+    },
   };
+}
+
+/**
+ * Runs `fn(port)` with a port that was free a moment ago, and again with
+ * another one if `fn` fails with EADDRINUSE (another test file took the
+ * port in between). For APIs whose point is to listen on a given port.
+ */
+export async function withFreePort(fn, attempts = 5) {
+  for (let i = 1; ; i++) {
+    const s = net.createServer().listen(0);
+    await once(s, 'listening');
+    const { port } = s.address();
+    s.close();
+    await once(s, 'close');
+    try {
+      return await fn(port);
+    } catch (err) {
+      if (err?.code !== 'EADDRINUSE' || i >= attempts) throw err;
+    }
+  }
 }
 
 /** A listening TCP socket on 127.0.0.1 to hand to a worker as fd 3. */

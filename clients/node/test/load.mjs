@@ -13,8 +13,15 @@
 // GET, it went out on a REUSED connection, and not one byte came back on that
 // connection after the request was assigned to it. Every other error (a
 // refused or reset fresh connection, a bad status, a truncated body) is a
-// failure. Retries are counted and reported.
+// failure. Retries are counted and reported (and the tests bound them).
+//
+// Per generation (X-Containerflip-Generation) it records how many answers
+// came back, how many of them carried `Connection: close` (what a draining
+// worker tells keep-alive clients), and which pids answered (the `pid N` in
+// the examples' bodies). It emits 'answer' (generation) after each good
+// answer and 'end' when the loops are over; until() waits on that.
 
+import { EventEmitter } from 'node:events';
 import http from 'node:http';
 
 function once(port, agent, path) {
@@ -40,7 +47,7 @@ function once(port, agent, path) {
   });
 }
 
-export class Load {
+export class Load extends EventEmitter {
   /**
    * @param {number} port
    * @param {object} o
@@ -51,6 +58,7 @@ export class Load {
    * @param {(r) => string|null} o.check  returns an error text for a bad answer
    */
   constructor(port, { mode, concurrency = 2, maxRequests = 20000, maxMs = 120000, path = '/', check }) {
+    super();
     this.port = port;
     this.mode = mode;
     this.path = path;
@@ -63,10 +71,17 @@ export class Load {
     this.ok = 0;
     this.failures = [];
     this.retries = 0;
-    this.generations = new Map();
+    this.generations = new Map(); // gen -> good answers
+    this.closes = new Map(); // gen -> answers with Connection: close
+    this.pids = new Map(); // gen -> Set of pids that answered
     // Resolves with the first good answer: the load is really flowing.
     this.flowing = new Promise((resolve) => { this.onFirstOk = resolve; });
     this.loops = Array.from({ length: concurrency }, () => this.loop());
+    this.ended = false;
+    Promise.all(this.loops).then(() => {
+      this.ended = true;
+      this.emit('end');
+    });
   }
 
   get stopReason() {
@@ -90,6 +105,13 @@ export class Load {
             if (this.ok === 1) this.onFirstOk();
             const g = r.headers['x-containerflip-generation'];
             this.generations.set(g, (this.generations.get(g) ?? 0) + 1);
+            if (/^close$/i.test(r.headers.connection ?? '')) this.closes.set(g, (this.closes.get(g) ?? 0) + 1);
+            const pid = /\bpid (\d+)/.exec(r.body)?.[1];
+            if (pid) {
+              if (!this.pids.has(g)) this.pids.set(g, new Set());
+              this.pids.get(g).add(pid);
+            }
+            this.emit('answer', g);
           }
           break;
         }
@@ -102,6 +124,42 @@ export class Load {
         break;
       }
     }
+  }
+
+  /**
+   * Resolves once `predicate(this)` holds, checked now and after every good
+   * answer; rejects if the loops end first (a limit was hit or stop() was
+   * called). Wrap it in a deadline: it is an event wait, not a timer.
+   */
+  until(predicate, what = 'a condition on the load') {
+    const p = new Promise((resolve, reject) => {
+      if (predicate(this)) return resolve();
+      if (this.ended) return reject(new Error(`${this.mode} load ended before ${what}`));
+      const onAnswer = () => {
+        if (!predicate(this)) return;
+        cleanup();
+        resolve();
+      };
+      const onEnd = () => {
+        cleanup();
+        reject(new Error(`${this.mode} load ended (${this.stopReason ?? 'stopped'}) before ${what}`));
+      };
+      const cleanup = () => {
+        this.off('answer', onAnswer);
+        this.off('end', onEnd);
+      };
+      this.on('answer', onAnswer);
+      this.on('end', onEnd);
+    });
+    // A caller that gave up (a deadline) must not get an unhandled rejection
+    // later, when the load stops.
+    p.catch(() => {});
+    return p;
+  }
+
+  /** Resolves once generation `gen` has answered at least once. */
+  seen(gen) {
+    return this.until((l) => l.generations.has(String(gen)), `generation ${gen} answered`);
   }
 
   /** Stop the loops, wait for the requests in flight, return a summary. */
@@ -118,6 +176,7 @@ export class Load {
       retries: this.retries,
       limitHit: reason !== null && reason !== 'stopped' ? reason : null,
       generations: Object.fromEntries([...this.generations].sort((a, b) => Number(a[0]) - Number(b[0]))),
+      closes: Object.fromEntries([...this.closes].sort((a, b) => Number(a[0]) - Number(b[0]))),
       firstFailures: this.failures.slice(0, 5),
     };
   }

@@ -8,31 +8,12 @@ import { execFileSync } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs';
 import http from 'node:http';
-import net from 'node:net';
 import path from 'node:path';
 
-import { spawnWorker, request, withDeadline, FIXTURES, EXAMPLES } from './helpers.mjs';
+import { spawnWorker, request, withDeadline, withFreePort, FIXTURES, EXAMPLES } from './helpers.mjs';
 
 const WORKER = path.join(FIXTURES, 'worker.mjs');
-
-// Wait until the fake notify socket has seen everything sent before now: our
-// own probe connection is accepted after any earlier one.
-async function notifyMessagesSoFar(n) {
-  const probe = net.createConnection(n.server.address());
-  probe.on('error', () => {});
-  probe.end('PROBE=1\n');
-  await n.next('our probe message');
-  return n.messages.filter((m) => m !== 'PROBE=1\n');
-}
-
-async function freePort() {
-  const s = net.createServer().listen(0, '127.0.0.1');
-  await once(s, 'listening');
-  const { port } = s.address();
-  s.close();
-  await once(s, 'close');
-  return port;
-}
+const CLUSTER_HELD = path.join(FIXTURES, 'cluster-held.mjs');
 
 describe('serve() under a fake supervisor', () => {
   test('serves on fd 3, sends READY=1 once, exits 0 on SIGTERM', async (t) => {
@@ -45,7 +26,7 @@ describe('serve() under a fake supervisor', () => {
     assert.deepEqual(info, { isDraining: false, fdMode: true, sigterm: 1, sigint: 0, request: 2 });
     w.child.kill('SIGTERM');
     assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
-    assert.deepEqual(await notifyMessagesSoFar(w.notify), ['READY=1\n']);
+    assert.deepEqual(await w.notify.soFar(), ['READY=1\n']);
     assert.match(w.stderr.text(), /listening on fd 3 \(127\.0\.0\.1:\d+\)/);
   });
 
@@ -95,7 +76,7 @@ describe('serve() under a fake supervisor', () => {
     const { code } = await w.waitExit();
     assert.notEqual(code, 0);
     assert.match(w.stderr.text(), /cannot listen on fd 42/);
-    assert.deepEqual(await notifyMessagesSoFar(w.notify), []);
+    assert.deepEqual(await w.notify.soFar(), []);
   });
 });
 
@@ -208,7 +189,7 @@ describe('options and defaults in a real process', () => {
     assert.equal((await request(w.port)).status, 200);
     w.child.kill('SIGTERM');
     assert.equal((await w.waitExit()).code, 0);
-    assert.deepEqual(await notifyMessagesSoFar(w.notify), []);
+    assert.deepEqual(await w.notify.soFar(), []);
   });
 
   test('log: false writes nothing to stderr through a whole life', async (t) => {
@@ -233,10 +214,20 @@ describe('options and defaults in a real process', () => {
   });
 
   test('standalone: without LISTEN_FDS it serves on $PORT, READY=1 is a no-op, SIGTERM exits 0', async (t) => {
-    const port = await freePort();
-    const w = await spawnWorker(t, WORKER, { fd3: false, notify: false, env: { PORT: String(port) } });
-    const { match } = await w.stdout.waitFor(/^SERVING (\{.*\}) /);
-    assert.equal(JSON.parse(match[1]).port, port);
+    // The port was free a moment ago; if another test file took it since,
+    // the worker exits with EADDRINUSE and we try another one.
+    const { w, port } = await withFreePort(async (port) => {
+      const w = await spawnWorker(t, WORKER, { fd3: false, notify: false, env: { PORT: String(port) } });
+      const serving = w.stdout.waitFor(/^SERVING (\{.*\}) /).then((r) => r, () => null);
+      const exited = w.exited.then(() => null);
+      const r = await withDeadline(Promise.race([serving, exited]), 'the worker to serve or exit');
+      if (r === null && (await w.exited).code !== 0 && /EADDRINUSE/.test(w.stderr.text())) {
+        throw Object.assign(new Error(`port ${port} in use`), { code: 'EADDRINUSE' });
+      }
+      assert.ok(r, `the worker did not serve:\n${w.stderr.text()}`);
+      assert.equal(JSON.parse(r.match[1]).port, port);
+      return { w, port };
+    });
     const info = JSON.parse((await request(port, { path: '/info' })).body);
     assert.equal(info.fdMode, false);
     w.child.kill('SIGTERM');
@@ -258,7 +249,7 @@ describe('examples under a fake supervisor', () => {
       assert.match(r.body, /generation 7/);
       w.child.kill('SIGTERM');
       assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
-      assert.deepEqual(await notifyMessagesSoFar(w.notify), ['READY=1\n'], 'exactly one READY=1');
+      assert.deepEqual(await w.notify.soFar(), ['READY=1\n'], 'exactly one READY=1');
       if (name === 'cluster') {
         // Two children listened on the primary's fd 3 and drained.
         assert.equal(w.stderr.lines.filter((l) => /listening on fd 3/.test(l)).length, 2, w.stderr.text());
@@ -266,4 +257,38 @@ describe('examples under a fake supervisor', () => {
       }
     });
   }
+});
+
+describe('cluster readiness is aggregated over every child', () => {
+  // test/fixtures/cluster-held.mjs runs examples/cluster.mjs unchanged, but
+  // cluster child 2 first waits for SIGUSR2 from the test: until then it
+  // does not listen, and the primary must not send READY=1.
+  test('examples/cluster.mjs: no READY=1 while child 2 does not listen; READY=1 once it does', async (t) => {
+    const w = await spawnWorker(t, CLUSTER_HELD, { env: { CONTAINERFLIP_GENERATION: '3', CLUSTER_WORKERS: '2' } });
+    const held = await w.stdout.waitFor(/^FIXTURE child 2 pid (\d+) held$/);
+    const child2 = Number(held.match[1]);
+    t.after(() => {
+      try {
+        process.kill(child2, 'SIGKILL');
+      } catch {}
+    });
+    // The fixture's 'listening' listener ran for child 1 after the
+    // example's, which would have sent READY=1 if it counted wrong.
+    await w.stdout.waitFor(/^FIXTURE primary saw child 1 listening \(1 of 2\)$/);
+    const r = await request(w.port);
+    assert.equal(r.status, 200);
+    assert.match(r.body, /generation 3, pid \d+, cluster child 1\n$/, 'child 1 serves already');
+    assert.deepEqual(await w.notify.soFar(), [], 'no READY=1 while child 2 is held');
+
+    process.kill(child2, 'SIGUSR2');
+    await w.stdout.waitFor(/^FIXTURE child 2 released$/);
+    assert.equal(await w.notify.first(), 'READY=1\n');
+    await w.stdout.waitFor(/^FIXTURE primary saw child 2 listening \(2 of 2\)$/);
+
+    w.child.kill('SIGTERM');
+    assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
+    assert.deepEqual(await w.notify.soFar(), ['READY=1\n'], 'exactly one READY=1');
+    assert.equal(w.stderr.lines.filter((l) => /listening on fd 3/.test(l)).length, 2, w.stderr.text());
+    assert.equal(w.stderr.lines.filter((l) => /exiting with status 0/.test(l)).length, 2, w.stderr.text());
+  });
 });
