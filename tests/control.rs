@@ -10,29 +10,24 @@
 //! depends on timing.
 
 use std::ffi::{OsStr, OsString};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::thread;
-use std::time::Instant;
 
 use crate::common::{
-    DEADLINE, HOLD_SCRIPT, Supervisor, TempDir, bin, get, kill, mkfifo, release, skipped,
-    start_record, stat_field, worker, write_file,
+    Bg, DEADLINE, HOLD_SCRIPT, Out, Supervisor, TempDir, as_nobody, bin, client_cmd, client_cmd_at,
+    control, get, is_root, kill, mkfifo, release, run_client, skipped, start_record, stat_field,
+    worker, write_file,
 };
 
 // ---------------------------------------------------------------------------
 // Private helpers.
-
-fn control(dir: &TempDir) -> PathBuf {
-    dir.join("control.sock")
-}
 
 /// `containerflip run --listen 127.0.0.1:0 --control DIR/control.sock
 /// EXTRA -- worker`, not waiting for anything.
@@ -59,54 +54,9 @@ fn start(dir: &TempDir, extra: &[&str], env: &[(&str, &str)]) -> (Supervisor, So
     (sup, addr, pid)
 }
 
-/// What a finished client command did.
-#[derive(Debug)]
-struct Out {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn code(&self) -> i32 {
-        self.status.code().unwrap_or(-1)
-    }
-
-    fn lines(&self) -> Vec<&str> {
-        self.stdout.lines().collect()
-    }
-
-    fn last(&self) -> &str {
-        self.stdout.lines().last().unwrap_or("")
-    }
-}
-
-/// A client command line: `containerflip VERB --control PATH REST`.
-fn client_cmd(ctl: &Path, verb: &str, rest: &[&OsStr]) -> Command {
-    let mut cmd = Command::new(bin());
-    cmd.arg(verb)
-        .arg("--control")
-        .arg(ctl)
-        .args(rest)
-        .env_remove("CONTAINERFLIP_CONTROL")
-        .stdin(Stdio::null());
-    cmd
-}
-
-/// Runs a client command to completion.
-fn run_client(mut cmd: Command) -> Out {
-    let out = cmd.output().expect("run a containerflip client");
-    Out {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 /// `containerflip VERB --control DIR/control.sock ARGS`.
 fn cf(dir: &TempDir, verb: &str, args: &[&str]) -> Out {
-    let rest: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-    run_client(client_cmd(&control(dir), verb, &rest))
+    run_client(client_cmd(dir, verb, args))
 }
 
 /// `containerflip deploy --control … -- ARGV`.
@@ -116,103 +66,7 @@ fn deploy_cmd(dir: &TempDir, argv: &[OsString]) -> Command {
         rest.push(OsStr::new("--"));
         rest.extend(argv.iter().map(OsString::as_os_str));
     }
-    client_cmd(&control(dir), "deploy", &rest)
-}
-
-/// A client command running in the background whose stdout lines are
-/// read as they come.
-struct Bg {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-    stderr: thread::JoinHandle<String>,
-}
-
-impl Bg {
-    fn spawn(mut cmd: Command) -> Bg {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn a containerflip client");
-        let stdout = child.stdout.take().unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let stderr = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
-            s
-        });
-        Bg {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-            stderr,
-        }
-    }
-
-    /// Waits for a stdout line containing `needle`; returns it.
-    fn wait_line(&mut self, needle: &str) -> String {
-        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
-            return l.clone();
-        }
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "timed out waiting for {needle:?}; client said {:?}",
-                        self.seen
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!("client exited before {needle:?}; it said {:?}", self.seen)
-                }
-            }
-        }
-    }
-
-    /// Waits for the client to exit (its stdout closes first).
-    fn finish(mut self) -> Out {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = self.child.kill();
-                    panic!("client did not finish; it said {:?}", self.seen);
-                }
-            }
-        }
-        let status = self.child.wait().expect("wait for the client");
-        let mut stdout = self.seen.join("\n");
-        if !stdout.is_empty() {
-            stdout.push('\n');
-        }
-        Out {
-            status,
-            stdout,
-            stderr: self.stderr.join().unwrap(),
-        }
-    }
-
-    fn exited(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_some()
-    }
+    client_cmd_at(&control(dir), "deploy", &rest)
 }
 
 /// A command that waits for a line on the FIFO `gate` (created here),
@@ -1067,42 +921,12 @@ fn two_hundred_silent_clients_do_not_lock_out_status() {
 // ---------------------------------------------------------------------------
 // 6. Another uid.
 
-const NOBODY: u32 = 65534;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid(2) cannot fail and touches no memory.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// `raw_exchange` from a thread running as uid/gid 65534. The raw
-/// setresuid(2)/setresgid(2) system calls (unlike the libc wrappers)
-/// change the calling thread's credentials only, and the thread ends
-/// here, so the rest of the test binary stays root. `Err` when connect
-/// itself fails.
+/// `raw_exchange` from a thread running as uid/gid 65534 (`as_nobody`).
+/// `Err` when connect itself fails.
 fn raw_exchange_as_nobody(ctl: &Path, request: &[u8]) -> std::io::Result<String> {
-    thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: plain system calls with integer arguments; they only
-            // affect this thread, which does nothing else afterwards.
-            unsafe {
-                assert_eq!(
-                    libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
-                    0
-                );
-                assert_eq!(
-                    libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
-                    0
-                );
-                assert_eq!(
-                    libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
-                    0
-                );
-            }
-            let s = UnixStream::connect(ctl)?;
-            Ok(exchange_on(s, request.to_vec()))
-        })
-        .join()
-        .unwrap()
+    as_nobody(|| {
+        let s = UnixStream::connect(ctl)?;
+        Ok(exchange_on(s, request.to_vec()))
     })
 }
 
@@ -1247,7 +1071,7 @@ fn every_client_command_without_a_supervisor_exits_3_naming_the_path() {
         for argv in commands {
             let (verb, rest) = argv.split_first().unwrap();
             let rest: Vec<&OsStr> = rest.iter().map(OsStr::new).collect();
-            let out = run_client(client_cmd(path, verb, &rest));
+            let out = run_client(client_cmd_at(path, verb, &rest));
             assert_eq!(out.code(), 3, "{argv:?} at {}: {out:?}", path.display());
             assert_eq!(out.stdout, "", "{argv:?}: {out:?}");
             assert_eq!(out.stderr.lines().count(), 1, "one line: {out:?}");

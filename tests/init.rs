@@ -66,21 +66,6 @@ fn alive(pid: u32) -> bool {
     state(pid).is_some_and(|s| s != "Z")
 }
 
-/// Waits until `pid` no longer exists at all: killed *and* reaped.
-fn wait_gone(pid: u32) {
-    wait_until(&format!("pid {pid} to be reaped"), || !pid_exists(pid));
-}
-
-fn all_pids() -> Vec<u32> {
-    fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Children of `parent`, as host pids.
 fn children(parent: u32) -> Vec<u32> {
     all_pids()

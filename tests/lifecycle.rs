@@ -10,164 +10,12 @@
 //! the same deadline, started later, is the clock: its failure proves it.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::thread;
-use std::time::Instant;
 
 use crate::common::*;
 
 // ---------------------------------------------------------------------------
 // Private helpers.
-
-fn control(dir: &TempDir) -> PathBuf {
-    dir.join("control.sock")
-}
-
-/// `--listen 127.0.0.1:0 EXTRA -- worker`.
-fn worker_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["--listen", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&["--", worker()]);
-    args
-}
-
-/// `containerflip VERB --control DIR/control.sock ARGS`, unstarted.
-fn client_cmd(dir: &TempDir, verb: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(bin());
-    cmd.arg(verb)
-        .arg("--control")
-        .arg(control(dir))
-        .args(args)
-        .env_remove("CONTAINERFLIP_CONTROL")
-        .stdin(Stdio::null());
-    cmd
-}
-
-fn client(dir: &TempDir, verb: &str, args: &[&str]) -> Output {
-    client_cmd(dir, verb, args)
-        .output()
-        .expect("run a containerflip client")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// A client command in the background, its stdout read line by line.
-struct Bg {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-    stderr: Option<thread::JoinHandle<String>>,
-}
-
-impl Bg {
-    fn spawn(mut cmd: Command) -> Bg {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn a containerflip client");
-        let stdout = child.stdout.take().unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let stderr = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
-            s
-        });
-        Bg {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-            stderr: Some(stderr),
-        }
-    }
-
-    fn wait_line(&mut self, needle: &str) -> String {
-        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
-            return l.clone();
-        }
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "timed out waiting for {needle:?}; client said {:?}",
-                        self.seen
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!("client exited before {needle:?}; it said {:?}", self.seen)
-                }
-            }
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    /// Waits for the client to end: (exit code, stdout lines, stderr).
-    fn finish(mut self) -> (Option<i32>, Vec<String>, String) {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = self.child.kill();
-                    panic!("client did not finish; it said {:?}", self.seen);
-                }
-            }
-        }
-        let status = self.child.wait().expect("wait for the client");
-        let stderr = self.stderr.take().unwrap().join().unwrap();
-        (status.code(), std::mem::take(&mut self.seen), stderr)
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The notify socket of worker `pid` (from its start record).
-fn notify_socket(dir: &Path, pid: u32) -> String {
-    start_record(dir, pid).must("env.NOTIFY_SOCKET").to_string()
-}
-
-fn send_dgram(path: &str, msg: &[u8]) {
-    UnixDatagram::unbound()
-        .unwrap()
-        .send_to(msg, path)
-        .unwrap_or_else(|e| panic!("send {:?} to {path}: {e}", text(msg)));
-}
-
-fn served_gen(addr: std::net::SocketAddr) -> u64 {
-    let r = get(addr, "/").expect("GET /");
-    assert_eq!(r.status, 200, "{r:?}");
-    r.generation()
-}
 
 /// The JSON object of `status --json`, as text.
 fn status_json(dir: &TempDir) -> String {
@@ -293,13 +141,6 @@ fn errno_is_logged() {
     assert_eq!(sup.count("containerflip: gen 2 "), 0);
 }
 
-const NOBODY: u32 = 65534;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid(2) cannot fail and touches no memory.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// READY=1 from uid 65534 on a starting generation's notify socket is
 /// refused; the generation stays starting until its own uid says READY=1.
 #[test]
@@ -318,29 +159,8 @@ fn ready_from_another_uid_is_refused() {
     // kernel attaches are the sender's at send time.
     let s = UnixDatagram::unbound().unwrap();
     s.connect(&sock).expect("connect to the notify socket");
-    thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: raw system calls with integer arguments; they
-                // change this thread's credentials only, and it ends here.
-                unsafe {
-                    assert_eq!(
-                        libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
-                        0
-                    );
-                    assert_eq!(
-                        libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
-                        0
-                    );
-                    assert_eq!(
-                        libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
-                        0
-                    );
-                }
-                s.send(b"READY=1").expect("send as nobody");
-            })
-            .join()
-            .unwrap()
+    as_nobody(|| {
+        s.send(b"READY=1").expect("send as nobody");
     });
     let line = sup.wait_line("refused");
     assert!(
@@ -539,25 +359,7 @@ fn crash_restart_backoff_doubles_and_a_deploy_cuts_it_short() {
 #[test]
 fn deploy_timeout_gives_up_and_zero_waits() {
     let dir = TempDir::new("dtimeout");
-    let env_file = dir.join("env");
-    write_file(&env_file, "");
-    let fifo = dir.join("hold");
-    mkfifo(&fifo);
-    let sup = Supervisor::start(
-        &dir,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--env-file",
-            env_file.to_str().unwrap(),
-            "--",
-            "sh",
-            "-c",
-            HOLD_SCRIPT,
-            worker(),
-        ],
-        &[],
-    );
+    let (sup, env_file, fifo) = start_held(&dir, &[], &[]);
     let addr = sup.listen_addr();
     sup.wait_ready(1);
     write_file(&env_file, &format!("HOLD={}\n", fifo.display()));
@@ -575,7 +377,8 @@ fn deploy_timeout_gives_up_and_zero_waits() {
 
     write_file(&env_file, "");
     release(&fifo);
-    let (code, lines, stderr) = waiting.finish();
+    let out = waiting.finish();
+    let (code, lines, stderr) = (out.status.code(), out.lines(), &out.stderr);
     assert_eq!(code, Some(0), "{lines:?} {stderr}");
     assert!(
         lines

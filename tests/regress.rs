@@ -21,7 +21,6 @@ use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -31,22 +30,11 @@ use crate::common::*;
 // ---------------------------------------------------------------------------
 // Helpers.
 
-fn control(dir: &TempDir) -> PathBuf {
-    dir.join("control.sock")
-}
-
 /// `containerflip VERB --control DIR/control.sock ARGS`, run to the end
 /// (with the suite's deadline as a safety net).
 fn client(dir: &TempDir, verb: &str, args: &[&str]) -> Output {
-    let mut cmd = Command::new(bin());
-    cmd.arg(verb)
-        .arg("--control")
-        .arg(control(dir))
-        .args(args)
-        .env_remove("CONTAINERFLIP_CONTROL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut cmd = client_cmd(dir, verb, args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     finish(cmd.spawn().expect("spawn a containerflip client"))
 }
 
@@ -64,16 +52,6 @@ fn finish(child: std::process::Child) -> Output {
             panic!("client pid {pid} did not finish");
         }
     }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn get_gen(addr: std::net::SocketAddr) -> u64 {
-    let r = get(addr, "/").expect("GET /");
-    assert_eq!(r.status, 200, "{r:?}");
-    r.generation()
 }
 
 /// Processes whose argv is exactly `argv`.
@@ -121,12 +99,7 @@ impl Drop for KillLeftovers {
 #[test]
 fn sigchld_inherited_ignored_still_sees_exits() {
     let dir = TempDir::new("rg-nochld");
-    let mut cmd = Command::new(bin());
-    cmd.args(["run", "--listen", "127.0.0.1:0", "--", worker()])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("CONTAINERFLIP_CONTROL", control(&dir))
-        .env("WORKER_RECORD", dir.path());
+    let mut cmd = Supervisor::run_cmd(&dir, &worker_args(&[]));
     // SAFETY: signal(2) is async-signal-safe; nothing else runs between
     // fork and exec. SIG_IGN survives the exec.
     unsafe {
@@ -141,7 +114,7 @@ fn sigchld_inherited_ignored_still_sees_exits() {
     sup.signal(libc::SIGHUP);
     sup.wait_ready(2);
     sup.wait_gen(1, "exited with status 0");
-    assert_eq!(get_gen(addr), 2);
+    assert_eq!(served_gen(addr), 2);
     sup.signal(libc::SIGTERM);
     let status = sup.wait_exit();
     assert_eq!(status.code(), Some(0), "{status:?}");
@@ -211,7 +184,7 @@ fn leaving_active_whose_replacement_failed_is_restarted_when_it_exits() {
             && (l.contains("exited") || l.contains("crashed"))
     });
     sup.wait_ready(3);
-    assert_eq!(get_gen(addr), 3);
+    assert_eq!(served_gen(addr), 3);
     let out = client(&dir, "status", &["--check"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
@@ -278,25 +251,7 @@ fn stop_kills_a_daemon_reparented_after_the_stop_began() {
 #[test]
 fn sighup_behind_a_queued_deploy_keeps_its_new_command() {
     let dir = TempDir::new("rg-queuecmd");
-    let env_file = dir.join("env");
-    let fifo = dir.join("hold");
-    mkfifo(&fifo);
-    write_file(&env_file, "");
-    let sup = Supervisor::start(
-        &dir,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--env-file",
-            env_file.to_str().unwrap(),
-            "--",
-            "/bin/sh",
-            "-c",
-            HOLD_SCRIPT,
-            worker(),
-        ],
-        &[],
-    );
+    let (sup, env_file, fifo) = start_held(&dir, &[], &[]);
     let addr = sup.listen_addr();
     sup.wait_ready(1);
 
@@ -343,7 +298,7 @@ fn sighup_behind_a_queued_deploy_keeps_its_new_command() {
     let want = format!("\"command\":[\"{}\",\"--new-version\"]", worker());
     assert!(json.contains(&want), "want {want} in {json}");
     sup.wait_gen(2, "exited");
-    assert_eq!(get_gen(addr), 3);
+    assert_eq!(served_gen(addr), 3);
     assert_eq!(sup.count(" spawned"), 3, "{}", sup.lines().join("\n"));
 }
 
@@ -401,12 +356,7 @@ fn client_with_a_closed_stdout_ends_quietly() {
 #[test]
 fn control_socket_emfile_does_not_spin() {
     let dir = TempDir::new("rg-emfile");
-    let mut cmd = Command::new(bin());
-    cmd.args(["run", "--listen", "127.0.0.1:0", "--", worker()])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("CONTAINERFLIP_CONTROL", control(&dir))
-        .env("WORKER_RECORD", dir.path());
+    let mut cmd = Supervisor::run_cmd(&dir, &worker_args(&[]));
     // SAFETY: setrlimit(2) is async-signal-safe and takes a local struct.
     unsafe {
         cmd.pre_exec(|| {
@@ -454,7 +404,7 @@ fn control_socket_emfile_does_not_spin() {
     let out = client(&dir, "status", &[]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(text(&out.stdout).contains("active gen 1"), "{out:?}");
-    assert_eq!(get_gen(addr), 1);
+    assert_eq!(served_gen(addr), 1);
 }
 
 // ---------------------------------------------------------------------------
@@ -494,7 +444,7 @@ fn env_file_setting_listen_pid_fails_the_spawn_closed() {
         line.contains(env_file.to_str().unwrap()),
         "names the file: {line}"
     );
-    assert_eq!(get_gen(addr), 1);
+    assert_eq!(served_gen(addr), 1);
     let out = client(&dir, "status", &[]);
     assert!(text(&out.stdout).contains("active gen 1"), "{out:?}");
     assert!(pid_exists(p1));

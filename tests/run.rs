@@ -15,22 +15,8 @@ use std::thread;
 
 use crate::common::*;
 
-/// `--listen 127.0.0.1:0 [EXTRA...] -- worker`.
-fn worker_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["--listen", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&["--", worker()]);
-    args
-}
-
 fn hex_mask(s: &str) -> u64 {
     u64::from_str_radix(s, 16).unwrap_or_else(|_| panic!("bad mask {s:?}"))
-}
-
-fn get_gen(addr: std::net::SocketAddr) -> u64 {
-    let r = get(addr, "/").expect("GET /");
-    assert_eq!(r.status, 200);
-    r.generation()
 }
 
 // ---------------------------------------------------------------------------
@@ -342,12 +328,12 @@ fn systemd_notify_ready_promotes_the_generation() {
     );
     let pid = sup.wait_ready(1);
     sup.wait_line(&format!("gen 1 pid {pid} STATUS=from systemd-notify"));
-    assert_eq!(get_gen(sup.listen_addr()), 1);
+    assert_eq!(served_gen(sup.listen_addr()), 1);
     // And again for a deploy.
     sup.signal(libc::SIGHUP);
     sup.wait_ready(2);
     sup.wait_gen(1, "exited with status 0");
-    assert_eq!(get_gen(sup.listen_addr()), 2);
+    assert_eq!(served_gen(sup.listen_addr()), 2);
     sup.signal(libc::SIGTERM);
     assert!(sup.wait_exit().success());
 }
@@ -370,25 +356,21 @@ fn notify_modes_dgram_and_stream_both_work() {
             "dgram" => assert!(sent.is_ok(), "{sent:?}"),
             _ => assert_eq!(sent.unwrap_err().raw_os_error(), Some(libc::EPROTOTYPE)),
         }
-        assert_eq!(get_gen(sup.listen_addr()), 1);
+        assert_eq!(served_gen(sup.listen_addr()), 1);
         sup.signal(libc::SIGHUP);
         sup.wait_ready(2);
         sup.wait_gen(1, "exited with status 0");
-        assert_eq!(get_gen(sup.listen_addr()), 2, "{mode}");
+        assert_eq!(served_gen(sup.listen_addr()), 2, "{mode}");
         sup.signal(libc::SIGTERM);
         assert!(sup.wait_exit().success(), "{mode}");
     }
-}
-
-fn send_dgram(path: &str, msg: &[u8]) -> std::io::Result<usize> {
-    UnixDatagram::unbound()?.send_to(msg, path)
 }
 
 /// Sends `STATUS=<sentinel>` and waits until the supervisor has read it
 /// (`-v` logs every STATUS=): everything sent before on the same socket
 /// has been read by then.
 fn sync_notify(sup: &Supervisor, n: u64, pid: u32, path: &str, sentinel: &str) {
-    send_dgram(path, format!("STATUS={sentinel}").as_bytes()).expect("send the sentinel");
+    try_send_dgram(path, format!("STATUS={sentinel}").as_bytes()).expect("send the sentinel");
     sup.wait_line(&format!("gen {n} pid {pid} STATUS={sentinel}"));
 }
 
@@ -424,7 +406,7 @@ fn notify_garbage_and_repeated_ready_change_nothing() {
         b"READY=1\nREADY=1",
     ];
     for g in &garbage {
-        send_dgram(&sock1, g).expect("send garbage to gen 1");
+        try_send_dgram(&sock1, g).expect("send garbage to gen 1");
     }
     sync_notify(&sup, 1, p1, &sock1, "after-garbage-1");
     assert_eq!(
@@ -454,7 +436,7 @@ fn notify_garbage_and_repeated_ready_change_nothing() {
         b"\xffREADY=1",
         b"READY=1\0\nREADY=1",
     ] {
-        send_dgram(&sock2, g).expect("send garbage to gen 2");
+        try_send_dgram(&sock2, g).expect("send garbage to gen 2");
     }
     sync_notify(&sup, 2, p2, &sock2, "after-garbage-2");
     assert!(
@@ -481,7 +463,7 @@ fn notify_garbage_and_repeated_ready_change_nothing() {
         sup.lines()
     );
     for _ in 0..20 {
-        assert_eq!(get_gen(addr), 1);
+        assert_eq!(served_gen(addr), 1);
     }
     assert!(
         !events(&sup.records, p1)
@@ -512,10 +494,10 @@ fn ready_from_a_draining_generation_is_ignored() {
     wait_event(&sup.records, p1, "signal 15");
     // Its notify socket stays open while it drains; the READY=1 is read
     // and ignored (logged with -v).
-    send_dgram(&sock1, b"READY=1").expect("send READY=1 to draining gen 1");
+    try_send_dgram(&sock1, b"READY=1").expect("send READY=1 to draining gen 1");
     sup.wait_line(&format!("gen 1 pid {p1} READY=1 while draining (ignored)"));
     for _ in 0..20 {
-        assert_eq!(get_gen(addr), 2, "new connections go to gen 2 only");
+        assert_eq!(served_gen(addr), 2, "new connections go to gen 2 only");
     }
     let ready1 = format!("containerflip: gen 1 pid {p1} ready");
     assert_eq!(
@@ -621,7 +603,7 @@ fn notify_stream_abuse_changes_nothing() {
         holding <= before + MAX_STREAMS + 1,
         "the supervisor holds {holding} fds (was {before}) with 100 notify connections open"
     );
-    assert_eq!(get_gen(addr), 1);
+    assert_eq!(served_gen(addr), 1);
 
     // The silent connection is closed after 5 s without a byte.
     silent.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -637,7 +619,7 @@ fn notify_stream_abuse_changes_nothing() {
     sup.signal(libc::SIGHUP);
     sup.wait_ready(2);
     sup.wait_gen(1, "exited with status 0");
-    assert_eq!(get_gen(addr), 2);
+    assert_eq!(served_gen(addr), 2);
     round_trip(&dir);
     let after = fd_count(sup.pid);
     assert!(
@@ -661,7 +643,7 @@ fn sighup_deploys_and_the_old_generation_drains() {
         let mut sup = Supervisor::start(&dir, &worker_args(&["--stop-signal", stop_signal]), &[]);
         let addr = sup.listen_addr();
         let p1 = sup.wait_ready(1);
-        assert_eq!(get_gen(addr), 1);
+        assert_eq!(served_gen(addr), 1);
 
         sup.signal(libc::SIGHUP);
         let p2 = sup.wait_ready(2);
@@ -721,7 +703,7 @@ fn sighup_deploys_even_when_the_supervisor_inherited_it_ignored() {
     sup.signal(libc::SIGHUP);
     sup.wait_ready(2);
     sup.wait_gen(1, "exited with status 0");
-    assert_eq!(get_gen(sup.listen_addr()), 2);
+    assert_eq!(served_gen(sup.listen_addr()), 2);
 }
 
 /// A request in flight when the drain starts is answered by the old
@@ -754,12 +736,6 @@ fn in_flight_request_finishes_during_drain() {
     assert!(events(&sup.records, p1).contains(&"exit 0".to_string()));
 }
 
-fn wait_gone(pid: u32) {
-    wait_until(&format!("pid {pid} to be gone (killed and reaped)"), || {
-        !pid_exists(pid)
-    });
-}
-
 #[test]
 fn drain_deadline_kills_a_worker_ignoring_the_stop_signal_and_its_child() {
     let dir = TempDir::new("deadline");
@@ -787,7 +763,7 @@ fn drain_deadline_kills_a_worker_ignoring_the_stop_signal_and_its_child() {
             .iter()
             .any(|e| e.starts_with("exit"))
     );
-    assert_eq!(get_gen(sup.listen_addr()), 2);
+    assert_eq!(served_gen(sup.listen_addr()), 2);
 }
 
 #[test]
@@ -885,7 +861,7 @@ fn failing_deploy(name: &str, extra: &[&str], env_line: &str, reason: &str) {
     sup.signal(libc::SIGHUP);
     sup.wait_ready(3);
     sup.wait_gen(1, "exited with status 0");
-    assert_eq!(get_gen(addr), 3);
+    assert_eq!(served_gen(addr), 3);
     sup.signal(libc::SIGTERM);
     assert!(sup.wait_exit().success());
 }
@@ -931,7 +907,7 @@ fn deploy_fails_closed_when_the_env_file_is_malformed() {
         line.contains(&format!("{path}:4")) || (line.contains(path) && line.contains("line 4")),
         "should name the file and line 4: {line}"
     );
-    assert_eq!(get_gen(addr), 1);
+    assert_eq!(served_gen(addr), 1);
     write_file(&env_file, "# fine\n\nGOOD=2\n");
     sup.signal(libc::SIGHUP);
     // The next generation to be ready (a spawn that failed this early may
@@ -996,13 +972,7 @@ fn wait_for_exit_of(sup: &Supervisor, n: u64) -> (u32, String) {
         l.starts_with(&prefix)
             && (l.contains(" exited with ") || l.contains(" killed ") || l.contains(" crashed"))
     });
-    let pid = line[prefix.len()..]
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    (pid, line)
+    (gen_pid(&line, &prefix), line)
 }
 
 #[test]
@@ -1023,25 +993,7 @@ fn sigkill_of_the_active_worker_under_load_refuses_nothing() {
     const THREADS: usize = 4;
     const GAP_CLIENTS: usize = 10;
     let dir = TempDir::new("crash");
-    let env_file = dir.join("env");
-    let fifo = dir.join("hold");
-    mkfifo(&fifo);
-    write_file(&env_file, "");
-    let sup = Supervisor::start(
-        &dir,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--env-file",
-            env_file.to_str().unwrap(),
-            "--",
-            "/bin/sh",
-            "-c",
-            HOLD_SCRIPT,
-            worker(),
-        ],
-        &[],
-    );
+    let (sup, env_file, fifo) = start_held(&dir, &[], &[]);
     let addr = sup.listen_addr();
     let p1 = sup.wait_ready(1);
     let load = Load::start(addr, THREADS, Mode::NewConnection);
@@ -1120,25 +1072,7 @@ fn sigkill_of_the_active_worker_under_load_refuses_nothing() {
 #[test]
 fn ten_sighups_at_once_collapse_into_at_most_two_deploys() {
     let dir = TempDir::new("tenhup");
-    let env_file = dir.join("env");
-    let fifo = dir.join("hold");
-    mkfifo(&fifo);
-    write_file(&env_file, "");
-    let mut sup = Supervisor::start(
-        &dir,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--env-file",
-            env_file.to_str().unwrap(),
-            "--",
-            "/bin/sh",
-            "-c",
-            HOLD_SCRIPT,
-            worker(),
-        ],
-        &[],
-    );
+    let (mut sup, env_file, fifo) = start_held(&dir, &[], &[]);
     sup.wait_ready(1);
     // Gen 2 will wait on the FIFO, so all ten arrive while it starts.
     write_file(&env_file, &format!("HOLD={}\n", fifo.display()));
@@ -1181,25 +1115,7 @@ fn ten_sighups_at_once_collapse_into_at_most_two_deploys() {
 #[test]
 fn queued_deploy_requests_collapse_into_one() {
     let dir = TempDir::new("queue");
-    let env_file = dir.join("env");
-    let fifo = dir.join("hold");
-    mkfifo(&fifo);
-    write_file(&env_file, "");
-    let mut sup = Supervisor::start(
-        &dir,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--env-file",
-            env_file.to_str().unwrap(),
-            "--",
-            "/bin/sh",
-            "-c",
-            HOLD_SCRIPT,
-            worker(),
-        ],
-        &[],
-    );
+    let (mut sup, env_file, fifo) = start_held(&dir, &[], &[]);
     sup.wait_ready(1);
     write_file(&env_file, &format!("HOLD={}\n", fifo.display()));
     sup.signal(libc::SIGHUP);
@@ -1214,7 +1130,7 @@ fn queued_deploy_requests_collapse_into_one() {
     sup.wait_ready(3);
     sup.wait_gen(1, "exited with status 0");
     sup.wait_gen(2, "exited with status 0");
-    assert_eq!(get_gen(sup.listen_addr()), 3);
+    assert_eq!(served_gen(sup.listen_addr()), 3);
     sup.signal(libc::SIGTERM);
     assert!(sup.wait_exit().success());
     assert_eq!(sup.count(" spawned"), 3, "{}", sup.lines().join("\n"));
@@ -1229,7 +1145,7 @@ fn graceful_stop_exits_zero() {
         let dir = TempDir::new("stop");
         let mut sup = Supervisor::start(&dir, &worker_args(&[]), &[]);
         let p1 = sup.wait_ready(1);
-        assert_eq!(get_gen(sup.listen_addr()), 1);
+        assert_eq!(served_gen(sup.listen_addr()), 1);
         sup.signal(sig);
         let status = sup.wait_exit();
         assert_eq!(status.code(), Some(0), "{name}: {status}");

@@ -1,6 +1,8 @@
 //! The test harness: run the real `containerflip` binary against the real
 //! example worker (`examples/worker.rs`), read what it logs and what the
-//! worker records, talk HTTP to what it serves.
+//! worker records, talk HTTP to what it serves, run its client commands
+//! (`deploy`, `status`, … against a test's own control socket), in the
+//! foreground or in the background (`Bg`), and speak sd_notify to it.
 //!
 //! Nothing here sleeps to synchronise. Every wait is for an event (a log
 //! line, a file, a process exit) with a generous deadline that only exists
@@ -9,12 +11,14 @@
 #![allow(dead_code)] // each test module uses a different part of this
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, Once};
@@ -146,14 +150,20 @@ impl Supervisor {
     /// `containerflip run ARGS` with a cleared environment (PATH kept), its
     /// control socket in `dir`, `WORKER_RECORD=dir`, and `env` on top.
     pub fn start(dir: &TempDir, args: &[&str], env: &[(&str, &str)]) -> Supervisor {
+        Supervisor::spawn(Supervisor::run_cmd(dir, args), dir, env)
+    }
+
+    /// The command `start` runs, unstarted (for a test that changes how it
+    /// starts, then gives it to `spawn`).
+    pub fn run_cmd(dir: &TempDir, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin());
         cmd.arg("run")
             .args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("CONTAINERFLIP_CONTROL", dir.join("control.sock"))
+            .env("CONTAINERFLIP_CONTROL", control(dir))
             .env("WORKER_RECORD", dir.path());
-        Supervisor::spawn(cmd, dir, env)
+        cmd
     }
 
     /// Like `start`, with the whole command line given (`run` not added).
@@ -299,13 +309,7 @@ impl Supervisor {
                 .and_then(|rest| rest.split_once(' '))
                 .is_some_and(|(_, tail)| tail.starts_with(event))
         });
-        let pid = line[prefix.len()..]
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        (pid, line)
+        (gen_pid(&line, &prefix), line)
     }
 
     /// Waits for generation `n` to be ready; returns its pid.
@@ -410,7 +414,7 @@ impl Supervisor {
 }
 
 /// Every pid in /proc.
-fn all_pids() -> Vec<u32> {
+pub fn all_pids() -> Vec<u32> {
     fs::read_dir("/proc")
         .map(|d| {
             d.flatten()
@@ -499,6 +503,16 @@ pub fn stat_field(pid: u32, n: usize) -> Option<String> {
     // The command (field 2) is in parentheses and may contain spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split(' ').nth(n - 3).map(str::to_string)
+}
+
+/// P in a log line `PREFIX P …` (`prefix` ends with `pid `).
+pub fn gen_pid(line: &str, prefix: &str) -> u32 {
+    line[prefix.len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// Whether a process with this pid exists, zombies included.
@@ -868,4 +882,290 @@ pub fn release(fifo: &Path) {
         f.is_some()
     });
     f.unwrap().write_all(b"go\n").expect("write the FIFO");
+}
+
+// ---------------------------------------------------------------------------
+// Command lines, client commands and their output.
+
+/// The control socket every test puts in its temp dir.
+pub fn control(dir: &TempDir) -> PathBuf {
+    dir.join("control.sock")
+}
+
+/// `--listen 127.0.0.1:0 EXTRA -- worker`.
+pub fn worker_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", worker()]);
+    args
+}
+
+/// A supervisor whose command is `/bin/sh -c HOLD_SCRIPT worker` and whose
+/// `--env-file` (created empty) can set `HOLD`: `run --listen 127.0.0.1:0
+/// --env-file DIR/env EXTRA -- …`, not waiting for anything. Returns it,
+/// the env file and the FIFO `DIR/hold` (created) to name in `HOLD=`.
+pub fn start_held(
+    dir: &TempDir,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Supervisor, PathBuf, PathBuf) {
+    let env_file = dir.join("env");
+    let fifo = dir.join("hold");
+    mkfifo(&fifo);
+    write_file(&env_file, "");
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--env-file",
+        env_file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "/bin/sh", "-c", HOLD_SCRIPT, worker()]);
+    let sup = Supervisor::start(dir, &args, env);
+    (sup, env_file, fifo)
+}
+
+/// A client command line, unstarted: `containerflip VERB --control CTL
+/// REST`, stdin from /dev/null, `$CONTAINERFLIP_CONTROL` removed.
+pub fn client_cmd_at<S: AsRef<OsStr>>(ctl: &Path, verb: &str, rest: &[S]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.arg(verb)
+        .arg("--control")
+        .arg(ctl)
+        .args(rest)
+        .env_remove("CONTAINERFLIP_CONTROL")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// `containerflip VERB --control DIR/control.sock ARGS`, unstarted.
+pub fn client_cmd(dir: &TempDir, verb: &str, args: &[&str]) -> Command {
+    client_cmd_at(&control(dir), verb, args)
+}
+
+/// `client_cmd` run to completion.
+pub fn client(dir: &TempDir, verb: &str, args: &[&str]) -> Output {
+    client_cmd(dir, verb, args)
+        .output()
+        .expect("run a containerflip client")
+}
+
+/// Bytes as text, invalid UTF-8 replaced.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// What a finished client command did.
+#[derive(Debug)]
+pub struct Out {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+
+    pub fn lines(&self) -> Vec<&str> {
+        self.stdout.lines().collect()
+    }
+
+    pub fn last(&self) -> &str {
+        self.stdout.lines().last().unwrap_or("")
+    }
+}
+
+/// Runs a client command to completion.
+pub fn run_client(mut cmd: Command) -> Out {
+    let out = cmd.output().expect("run a containerflip client");
+    Out {
+        status: out.status,
+        stdout: text(&out.stdout),
+        stderr: text(&out.stderr),
+    }
+}
+
+/// A client command running in the background whose stdout lines are
+/// read as they come. Dropping it kills the client (if still running).
+pub struct Bg {
+    pub child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    /// Taken by `finish` (Drop still needs `child`).
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl Bg {
+    pub fn spawn(mut cmd: Command) -> Bg {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn a containerflip client");
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let stderr = thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        Bg {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Waits for a stdout line containing `needle`; returns it.
+    pub fn wait_line(&mut self, needle: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "timed out waiting for {needle:?}; client said {:?}",
+                        self.seen
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("client exited before {needle:?}; it said {:?}", self.seen)
+                }
+            }
+        }
+    }
+
+    /// Waits for the client to exit (its stdout closes first).
+    pub fn finish(mut self) -> Out {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!("client did not finish; it said {:?}", self.seen);
+                }
+            }
+        }
+        let status = self.child.wait().expect("wait for the client");
+        let mut stdout = self.seen.join("\n");
+        if !stdout.is_empty() {
+            stdout.push('\n');
+        }
+        Out {
+            status,
+            stdout,
+            stderr: self.stderr.take().unwrap().join().unwrap(),
+        }
+    }
+
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_some()
+    }
+
+    pub fn running(&mut self) -> bool {
+        !self.exited()
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET /` answered 200; the generation that answered.
+pub fn served_gen(addr: SocketAddr) -> u64 {
+    let r = get(addr, "/").expect("GET /");
+    assert_eq!(r.status, 200, "{r:?}");
+    r.generation()
+}
+
+// ---------------------------------------------------------------------------
+// sd_notify, uids, processes.
+
+/// The notify socket of worker `pid` (from its start record).
+pub fn notify_socket(dir: &Path, pid: u32) -> String {
+    start_record(dir, pid).must("env.NOTIFY_SOCKET").to_string()
+}
+
+/// One datagram to the notify socket `path`.
+pub fn try_send_dgram(path: &str, msg: &[u8]) -> io::Result<usize> {
+    UnixDatagram::unbound()?.send_to(msg, path)
+}
+
+/// `try_send_dgram` that must succeed.
+pub fn send_dgram(path: &str, msg: &[u8]) {
+    UnixDatagram::unbound()
+        .unwrap()
+        .send_to(msg, path)
+        .unwrap_or_else(|e| panic!("send {:?} to {path}: {e}", text(msg)));
+}
+
+/// The uid (and gid) tests switch to when root.
+pub const NOBODY: u32 = 65534;
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `f` on a thread of its own switched to uid/gid `NOBODY` (no
+/// supplementary groups) and returns what it returns. The raw
+/// setresuid(2)/setresgid(2) system calls (unlike the libc wrappers)
+/// change the calling thread's credentials only, and the thread ends
+/// with `f`, so the rest of the test binary stays root.
+pub fn as_nobody<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: raw system calls with integer arguments; they
+                // change this thread's credentials only, and it ends here.
+                unsafe {
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
+                        0
+                    );
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
+                        0
+                    );
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
+                        0
+                    );
+                }
+                f()
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+/// Waits until `pid` no longer exists at all: killed *and* reaped.
+pub fn wait_gone(pid: u32) {
+    wait_until(&format!("pid {pid} to be gone (killed and reaped)"), || {
+        !pid_exists(pid)
+    });
 }
