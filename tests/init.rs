@@ -15,6 +15,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::ops::{Deref, DerefMut};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -226,7 +227,15 @@ fn pid1_in_a_pid_namespace_reaps_orphans_deploys_and_stops_on_term() {
         .args(["-t", &init.to_string(), "-p", "-m", "kill", "-TERM", "1"])
         .status()
         .expect("run nsenter");
-    assert!(status.success(), "nsenter … kill -TERM 1: {status}");
+    // When PID 1 of a namespace exits, the kernel SIGKILLs everything still
+    // in it; a `kill` slower to exit than containerflip is to stop dies that
+    // way, after its signal was sent (nsenter then re-raises SIGKILL). Both
+    // outcomes mean the signal was delivered; the log lines below prove it
+    // was SIGTERM that stopped the supervisor.
+    assert!(
+        status.success() || status.signal() == Some(libc::SIGKILL),
+        "nsenter … kill -TERM 1: {status}"
+    );
     let status = sup.wait_exit();
     assert_eq!(status.code(), Some(0), "exit status of unshare: {status}");
     sup.wait_line("stopping (SIGTERM)");
