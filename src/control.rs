@@ -33,6 +33,7 @@ use rustix::io::Errno;
 use rustix::net::{self, AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 
 use crate::error::{Error, Result};
+use crate::listen::{self, Occupied};
 use crate::{debug, warn};
 
 pub const PROTOCOL: &str = "containerflip/1";
@@ -234,23 +235,13 @@ impl Control {
             None,
         )
         .map_err(|e| Error::os("create the control socket", e))?;
-        if std::fs::symlink_metadata(path).is_ok() {
-            let probe = net::socket_with(
-                AddressFamily::UNIX,
-                SocketType::STREAM,
-                SocketFlags::CLOEXEC,
-                None,
-            )
-            .map_err(|e| Error::os("create a socket", e))?;
-            if !matches!(net::connect(&probe, &addr), Err(Errno::CONNREFUSED)) {
-                return Err(Error::msg(
-                    format!("bind control socket {shown}"),
-                    "another supervisor answers there (give this one its own --control PATH)",
-                ));
-            }
-            std::fs::remove_file(path)
-                .map_err(|e| Error::os(format!("remove stale control socket {shown}"), e))?;
-        }
+        listen::remove_stale_socket(path, &addr).map_err(|why| match why {
+            Occupied::Live => Error::msg(
+                format!("bind control socket {shown}"),
+                "another supervisor answers there (give this one its own --control PATH)",
+            ),
+            other => Error::msg(format!("bind control socket {shown}"), other.to_string()),
+        })?;
         // umask makes the socket 0600 from the start: a chmod after bind
         // would leave a window. We are single-threaded, so this is safe.
         let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));

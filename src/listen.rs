@@ -8,12 +8,12 @@ use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rustix::io::Errno;
 use rustix::net::{self, AddressFamily, SocketAddrUnix, SocketFlags, SocketType, sockopt};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, os_message};
 use crate::sys;
 
 /// First fd handed to workers (`SD_LISTEN_FDS_START`).
@@ -235,7 +235,7 @@ fn bind_tcp(addr: SocketAddr, backlog: i32) -> std::result::Result<OwnedFd, (Err
     Ok(fd)
 }
 
-fn bind_unix(path: &std::path::Path, backlog: i32, name: String) -> Result<Listener> {
+fn bind_unix(path: &Path, backlog: i32, name: String) -> Result<Listener> {
     let shown = format!("unix:{}", path.display());
     let bytes = path.as_os_str().as_bytes();
     let abstract_name = bytes.strip_prefix(b"@");
@@ -253,13 +253,10 @@ fn bind_unix(path: &std::path::Path, backlog: i32, name: String) -> Result<Liste
     .map_err(|e| Error::os(format!("create a socket for {shown}"), e))?;
     match net::bind(&fd, &addr) {
         Err(Errno::ADDRINUSE) if abstract_name.is_none() => {
-            // A file is there. Remove it only if nobody listens on it: a
-            // stale socket refuses connections; a live one accepts.
-            if socket_is_live(&addr) {
-                return Err(Error::os(format!("bind {shown}"), Errno::ADDRINUSE));
-            }
-            std::fs::remove_file(path)
-                .map_err(|e| Error::os(format!("remove stale {shown}"), e))?;
+            remove_stale_socket(path, &addr).map_err(|why| match why {
+                Occupied::Live => Error::os(format!("bind {shown}"), Errno::ADDRINUSE),
+                other => Error::msg(format!("bind {shown}"), other.to_string()),
+            })?;
             net::bind(&fd, &addr).map_err(|e| Error::os(format!("bind {shown}"), e))?;
         }
         Err(e) => return Err(Error::os(format!("bind {shown}"), e)),
@@ -276,18 +273,57 @@ fn bind_unix(path: &std::path::Path, backlog: i32, name: String) -> Result<Liste
     Ok(l)
 }
 
-fn socket_is_live(addr: &SocketAddrUnix) -> bool {
-    let Ok(probe) = net::socket_with(
+/// Why a path where we want to bind a socket cannot simply be reused.
+#[derive(Debug)]
+pub enum Occupied {
+    /// A socket someone still listens on.
+    Live,
+    /// A file, directory or symlink: not ours to remove.
+    NotASocket,
+    /// The stale socket could not be removed.
+    Remove(std::io::Error),
+}
+
+impl std::fmt::Display for Occupied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Occupied::Live => f.write_str("something listens there"),
+            Occupied::NotASocket => f.write_str("the path exists and is not a socket"),
+            Occupied::Remove(e) => write!(f, "removing the stale socket: {}", os_message(e)),
+        }
+    }
+}
+
+/// Remove the socket file at `path` if nobody listens on it: one left by a
+/// process that is gone. Anything that is not a socket is left alone —
+/// connect(2) answers ECONNREFUSED for a regular file too, so the probe
+/// alone cannot tell. Nothing at `path` is fine.
+pub fn remove_stale_socket(
+    path: &Path,
+    addr: &SocketAddrUnix,
+) -> std::result::Result<(), Occupied> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Occupied::Remove(e)),
+        Ok(m) if !m.file_type().is_socket() => return Err(Occupied::NotASocket),
+        Ok(_) => {}
+    }
+    let live = match net::socket_with(
         AddressFamily::UNIX,
         SocketType::STREAM,
         SocketFlags::CLOEXEC,
         None,
-    ) else {
-        return true;
+    ) {
+        // ECONNREFUSED: a socket file with no listener. Anything else
+        // (even EAGAIN from a full backlog) means someone is there.
+        Ok(probe) => !matches!(net::connect(&probe, addr), Err(Errno::CONNREFUSED)),
+        Err(_) => true,
     };
-    // ECONNREFUSED: a socket file with no listener. Anything else (even
-    // EAGAIN from a full backlog) means someone is there.
-    !matches!(net::connect(&probe, addr), Err(Errno::CONNREFUSED))
+    if live {
+        return Err(Occupied::Live);
+    }
+    std::fs::remove_file(path).map_err(Occupied::Remove)
 }
 
 /// Take over an fd we inherited: it must be a listening stream socket.

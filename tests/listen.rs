@@ -250,3 +250,30 @@ fn live_unix_socket_is_refused_naming_the_path() {
     let _c = UnixStream::connect(&path).expect("the live socket still accepts");
     live.accept().expect("accept on the live socket");
 }
+
+/// connect(2) on a regular file also answers ECONNREFUSED, like a stale
+/// socket: the probe alone would take someone's file for a stale socket
+/// and delete it. Neither a `unix:` listener nor the control socket may.
+#[test]
+fn a_regular_file_in_the_way_is_never_removed() {
+    let dir = TempDir::new("notsock");
+    let victim = dir.join("precious.txt");
+    write_file(&victim, "keep me\n");
+    let arg = format!("unix:{}", victim.display());
+    let mut sup = Supervisor::start(&dir, &["--listen", &arg, "--", worker()], &[]);
+    assert_eq!(sup.wait_exit().code(), Some(1));
+    sup.wait_for("a line naming the path", |l| {
+        l.contains(victim.to_str().unwrap()) && l.contains("not a socket")
+    });
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me\n");
+
+    let ctl = control(&dir);
+    write_file(&ctl, "keep me too\n");
+    let mut sup = Supervisor::start(&dir, &["--listen", "127.0.0.1:0", "--", worker()], &[]);
+    assert_eq!(sup.wait_exit().code(), Some(1));
+    sup.wait_for("a line naming the control path", |l| {
+        l.contains(ctl.to_str().unwrap()) && l.contains("not a socket")
+    });
+    assert_eq!(sup.count(" spawned"), 0, "a worker was started");
+    assert_eq!(std::fs::read_to_string(&ctl).unwrap(), "keep me too\n");
+}
