@@ -62,7 +62,7 @@
 //! | `WORKER_IGNORE_TERM=1` | record SIGTERM but keep serving |
 //! | `WORKER_RECORD=DIR` | write `DIR/PID.start` (what the worker was given: `pid=`, `ppid=`, `pgid=`, one `arg=HEX` per argv element, `env.NAME=` for the `LISTEN_*`, `NOTIFY_SOCKET`, `CONTAINERFLIP_GENERATION` and `DRAIN_GRACE_MS` variables, `listen.FD=tcp ADDR` or `unix PATH`, `fds=` open at start, `sigmask=` and `sigign=` from /proc) and append to `DIR/PID.events` (`ready`, `serving`, `signal N`, `exit N`) |
 //! | `WORKER_RECORD_ENV=A,B` | more variables to put in the `.start` record |
-//! | `WORKER_SPAWN=sleeper\|orphan\|daemon` | start a process that sleeps forever: a child in our process group, a grandchild whose parent exits at once, or such a grandchild that also calls `setsid()`; its pid goes to `DIR/PID.grandchild` |
+//! | `WORKER_SPAWN=sleeper\|orphan\|daemon` | start a process that sleeps forever: a child in our process group, a grandchild whose parent exits at once, or such a grandchild that also calls `setsid()`; its pid goes to `DIR/PID.grandchild`; with `WORKER_IGNORE_TERM=1` it too records the signals it gets (in `DIR/ITSPID.events`) and keeps sleeping |
 //!
 //! Exit status: 0 after a drain, the code of `WORKER_EXIT_BEFORE_READY`, and
 //! 1 with a one-line message on stderr when setting up fails.
@@ -669,9 +669,10 @@ impl Events {
 // ---------------------------------------------------------------------------
 // Helper processes for WORKER_SPAWN, and the roles they run.
 
-/// Re-runs this executable in `role`. Its stdio is /dev/null, so a helper
-/// that outlives us holds no one's pipes.
-fn spawn_role(role: &str, worker_pid: u32) -> io::Result<process::Child> {
+/// Re-runs this executable in `role`. Its stdin and stderr are /dev/null,
+/// so a helper that outlives us holds no one's pipes; its stdout is
+/// `stdout`, where the sleeper says `ready` once it is set up.
+fn spawn_role(role: &str, worker_pid: u32, stdout: Stdio) -> io::Result<process::Child> {
     let exe = std::env::current_exe()?;
     Command::new(&exe)
         .arg0(format!("{} ({role})", exe.display()))
@@ -679,9 +680,27 @@ fn spawn_role(role: &str, worker_pid: u32) -> io::Result<process::Child> {
         .env("WORKER_PARENT", worker_pid.to_string())
         .env_remove("WORKER_SPAWN")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::null())
         .spawn()
+}
+
+/// Spawns the helper of `WORKER_SPAWN` and waits until its sleeper is set
+/// up (its signal handlers in place, its pid file written): a test may
+/// signal it as soon as this worker says READY=1, or exits.
+fn spawn_helper(kind: &str, worker_pid: u32) -> io::Result<()> {
+    let mut child = spawn_role(kind, worker_pid, Stdio::piped())?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    if line != "ready\n" {
+        return Err(io::Error::other("the helper died before it was ready"));
+    }
+    // The orphan and daemon roles exit at once: reap them. A sleeper is
+    // left alone; it lives as long as the process group.
+    if kind != "sleeper" {
+        child.wait()?;
+    }
+    Ok(())
 }
 
 /// Runs a helper role; never returns.
@@ -697,8 +716,9 @@ fn run_role(role: &OsStr) -> ! {
             } else {
                 "sleeper"
             };
-            // Exit at once without waiting: the grandchild is orphaned.
-            let code = if spawn_role(sleeper, parent).is_ok() {
+            // Exit at once without waiting: the grandchild is orphaned. It
+            // inherits our stdout, the worker's pipe, to say it is ready.
+            let code = if spawn_role(sleeper, parent, Stdio::inherit()).is_ok() {
                 0
             } else {
                 1
@@ -711,12 +731,34 @@ fn run_role(role: &OsStr) -> ! {
                 // leader (our parent's group), so it succeeds.
                 unsafe { setsid() };
             }
-            if let Some(dir) = std::env::var_os("WORKER_RECORD") {
-                let path = PathBuf::from(dir).join(format!("{parent}.grandchild"));
+            // With WORKER_IGNORE_TERM, like the worker: record each signal
+            // in DIR/OWNPID.events and keep sleeping, so a test can count
+            // the stop signals we got.
+            let record = std::env::var_os("WORKER_RECORD").map(PathBuf::from);
+            let signals = env_flag("WORKER_IGNORE_TERM").then(|| {
+                install_signal_handlers().unwrap_or_else(|e| fail("unable to set up signals", e))
+            });
+            let events = Events(record.as_ref().and_then(|dir| {
+                let path = dir.join(format!("{}.events", process::id()));
+                OpenOptions::new().create(true).append(true).open(path).ok()
+            }));
+            if let Some(dir) = &record {
+                let path = dir.join(format!("{parent}.grandchild"));
                 let _ = write_atomically(&path, format!("{}\n", process::id()).as_bytes());
             }
+            let _ = io::stdout().write_all(b"ready\n");
+            let Some(mut signals) = signals else {
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            };
+            let mut byte = [0u8; 1];
             loop {
-                std::thread::sleep(Duration::from_secs(3600));
+                if poll_read(&[signals.as_raw_fd()], None).is_ok_and(|r| r[0])
+                    && signals.read(&mut byte).is_ok_and(|n| n == 1)
+                {
+                    events.record(&format!("signal {}", byte[0]));
+                }
             }
         }
         _ => fail("unknown WORKER_ROLE", ""),
@@ -796,13 +838,9 @@ fn main() {
 
     match std::env::var("WORKER_SPAWN").as_deref() {
         Err(_) | Ok("") => {}
-        Ok(kind @ ("sleeper" | "orphan" | "daemon")) => match spawn_role(kind, pid) {
-            // The orphan and daemon roles exit at once: reap them. A sleeper
-            // is left alone; it lives as long as the process group.
-            Ok(mut child) if kind != "sleeper" => drop(child.wait()),
-            Ok(_) => {}
-            Err(e) => fail("unable to spawn a helper", e),
-        },
+        Ok(kind @ ("sleeper" | "orphan" | "daemon")) => {
+            spawn_helper(kind, pid).unwrap_or_else(|e| fail("unable to spawn a helper", e))
+        }
         Ok(other) => fail("bad WORKER_SPAWN", other),
     }
 

@@ -92,6 +92,8 @@ pub struct Generation {
     pub leaving: bool,
     /// Malformed notify input was already logged once.
     pub noisy: bool,
+    /// The whole group got SIGKILL: whatever is left in it is dying.
+    pub killed: bool,
 }
 
 impl Generation {

@@ -105,6 +105,9 @@ struct Stopping {
     active_exit: Option<Exit>,
     /// Every generation exited 0 before its deadline.
     clean: bool,
+    /// A TERM/INT arrived: the stop may have begun otherwise (`stop`,
+    /// `--on-crash exit`), and only a second signal forces it.
+    signalled_once: bool,
     /// A second TERM/INT: everything got SIGKILL.
     forced: bool,
     /// Non-generation children (setsid daemons) are still alive; the
@@ -483,6 +486,7 @@ impl Supervisor {
             exit: None,
             leaving: false,
             noisy: false,
+            killed: false,
         };
         info!("{} spawned", g.tag());
         debug!("{} command: {}", g.tag(), control::shell_words(&command));
@@ -644,7 +648,13 @@ impl Supervisor {
         if let Some(u) = &self.upstream
             && self.booted
         {
-            u.send("READY=1\nSTATUS=deploy failed; previous generation still serving");
+            let serving = self
+                .active
+                .and_then(|a| self.gens.iter().find(|g| g.n == a));
+            u.send(&match serving {
+                Some(g) => format!("READY=1\nSTATUS=deploy failed; serving: {}", g.tag()),
+                None => "READY=1\nSTATUS=deploy failed; nothing is serving".to_string(),
+            });
         }
         if !self.booted {
             // SPEC §5.6: the first generation must become ready. A worker
@@ -850,20 +860,28 @@ impl Supervisor {
             }
         }
         // Whatever the worker left in its group gets the stop signal and
-        // the usual deadline.
-        let (sig, drain) = (self.cfg.stop_signal, self.cfg.drain_timeout);
+        // a deadline: the drain's, or 5 s for a failed deploy's (§5.3).
+        // Not after a SIGKILL of the group: that is already on its way.
+        let sig = self.cfg.stop_signal;
+        let drain = self.cfg.drain_timeout;
         if let Some(g) = self.gen_mut(n)
             && g.deadline.is_none()
+            && !g.killed
             && g.group_alive()
         {
+            let grace = if g.state == State::Failed {
+                FAILED_GRACE
+            } else {
+                drain
+            };
             info!(
                 "{} left processes in its group: {} now, SIGKILL in {}",
                 g.tag(),
                 signals::name(sig),
-                format_duration(drain)
+                format_duration(grace)
             );
             g.signal_group(sig);
-            g.deadline = Some(now + drain);
+            g.deadline = Some(now + grace);
         }
     }
 
@@ -966,13 +984,18 @@ impl Supervisor {
         let Some(g) = self.gen_mut(n) else { return };
         g.deadline = None;
         g.signal_group(libc::SIGKILL);
-        match (g.state, g.running()) {
-            (State::Failed, _) => warn!("{} killed at stop deadline (failed deploy)", g.tag()),
-            (_, true) => warn!("{} killed at drain deadline", g.tag()),
-            (_, false) => warn!(
-                "{} processes left in its group killed at drain deadline",
+        g.killed = true;
+        let deadline = match g.state {
+            State::Failed => "stop deadline (failed deploy)",
+            _ => "drain deadline",
+        };
+        if g.running() {
+            warn!("{} killed at {deadline}", g.tag());
+        } else {
+            warn!(
+                "{} processes left in its group killed at {deadline}",
                 g.tag()
-            ),
+            );
         }
         let gone = !g.running();
         if let Some(stop) = self.stop.as_mut() {
@@ -987,15 +1010,21 @@ impl Supervisor {
     // ---- stop ----------------------------------------------------------
 
     /// TERM/INT or `stop`: stop signal to everything, SIGKILL at the
-    /// deadline, exit when nothing is left. A second request kills now.
+    /// deadline, exit when nothing is left. The second TERM/INT kills now,
+    /// whatever began the stop; other repeated requests change nothing.
     fn begin_stop(&mut self, why: &str, now: Instant) {
+        let by_signal = why.starts_with("SIG");
         if let Some(stop) = self.stop.as_mut() {
-            if !stop.forced && why.starts_with("SIG") {
+            if by_signal && !stop.signalled_once {
+                stop.signalled_once = true;
+                info!("{why} while stopping: still draining (a second {why} kills everything)");
+            } else if by_signal && !stop.forced {
                 stop.forced = true;
                 warn!("second {why}: killing everything now");
                 for g in &mut self.gens {
                     g.signal_group(libc::SIGKILL);
                     g.deadline = None;
+                    g.killed = true;
                 }
                 self.gens.retain(|g| g.running());
                 for pid in orphans(&self.gens) {
@@ -1035,6 +1064,7 @@ impl Supervisor {
             active: self.active,
             active_exit: None,
             clean: true,
+            signalled_once: by_signal,
             forced: false,
             strays: false,
             signalled: Vec::new(),
@@ -1137,8 +1167,11 @@ fn exited(pidfd: &std::os::fd::OwnedFd) -> bool {
     matches!(poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
 }
 
-/// Our children that are not generation workers: daemons reparented to
-/// us (as PID 1 or child subreaper). Read from /proc, only while stopping.
+/// Our children that are not generation workers nor in a tracked
+/// generation's process group (that group already got the stop signal and
+/// has its own deadline): daemons that left their group and were
+/// reparented to us as PID 1 or child subreaper. Read from /proc, only
+/// while stopping.
 fn orphans(gens: &[Generation]) -> Vec<i32> {
     let me = std::process::id() as i32;
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -1156,7 +1189,10 @@ fn orphans(gens: &[Generation]) -> Vec<i32> {
             let mut fields = after.split_whitespace();
             let state = fields.next();
             let ppid = fields.next().and_then(|p| p.parse::<i32>().ok());
-            ppid == Some(me) && state != Some("Z")
+            let pgrp = fields.next().and_then(|p| p.parse::<i32>().ok());
+            // A worker leads its generation's group: pgid == worker pid.
+            let in_a_group = pgrp.is_some_and(|pg| gens.iter().any(|g| g.pid == pg));
+            ppid == Some(me) && state != Some("Z") && !in_a_group
         })
         .collect()
 }

@@ -341,6 +341,35 @@ fn failed_deploy_reports_the_exit_status_and_the_old_generation_serves() {
     assert_switched_to(&sup, addr, 3, &[1]);
 }
 
+/// A failed deploy's worker is gone, but it left a process in its group
+/// that ignores the stop signal: SPEC §5.3 gives a failed generation 5 s,
+/// not the (here ten-minute) drain timeout, and gen 1 serves throughout.
+#[test]
+fn a_failed_deploys_leftovers_get_the_five_second_grace() {
+    let dir = TempDir::new("ctl-failleft");
+    let (sup, addr, _) = start(&dir, &["--drain-timeout", "10m"], &[]);
+    let script = format!(
+        "WORKER_SPAWN=orphan WORKER_IGNORE_TERM=1 WORKER_EXIT_BEFORE_READY=4 exec {}",
+        worker()
+    );
+    let out = cf(&dir, "deploy", &["--", "sh", "-c", &script]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(
+        out.stderr.contains("exited with status 4 before READY=1"),
+        "{out:?}"
+    );
+    let (p2, _) = sup.wait_gen(2, "spawned");
+    let g2 = crate::common::grandchild(&sup.records, p2);
+    sup.wait_gen(2, "left processes in its group: SIGTERM now, SIGKILL in 5s");
+    crate::common::wait_event(&sup.records, g2, "signal 15");
+    sup.wait_gen(
+        2,
+        "processes left in its group killed at stop deadline (failed deploy)",
+    );
+    crate::common::wait_gone(g2);
+    assert_served_by(addr, 1);
+}
+
 #[test]
 fn failed_deploy_from_the_env_file_keeps_serving_throughout() {
     let dir = TempDir::new("ctl-envfail");
@@ -1121,6 +1150,31 @@ fn stop_returns_only_after_the_supervisor_exited() {
     assert_eq!(out.code(), 0, "{out:?}");
     assert!(gone, "the supervisor was still running when stop returned");
     assert_eq!(sup.wait_exit().code(), Some(0));
+}
+
+/// `stop`, then one SIGTERM (as `docker stop` sends) while the worker is
+/// still draining: that is the *first* stop signal, so the drain goes on
+/// and ends cleanly. Only a second TERM/INT kills.
+#[test]
+fn one_sigterm_after_stop_keeps_draining() {
+    let dir = TempDir::new("ctl-stopterm");
+    let (mut sup, addr, pid1) = start(&dir, &["--drain-timeout", "10m"], &[]);
+    // An idle keep-alive connection holds the worker in its drain.
+    let mut client = crate::common::KeepAlive::new(addr);
+    assert_eq!(client.get("/").unwrap().generation(), 1);
+    let stop = Bg::spawn(client_cmd(&dir, "stop", &[]));
+    sup.wait_line("stopping (stop requested");
+    crate::common::wait_event(&sup.records, pid1, "signal 15");
+    sup.signal(libc::SIGTERM);
+    sup.wait_line("SIGTERM while stopping: still draining");
+    // The drain is intact: the held connection is answered and closed.
+    let last = client.get("/").unwrap();
+    assert_eq!(last.generation(), 1);
+    assert!(last.closes(), "{last:?}");
+    assert_eq!(sup.wait_exit().code(), Some(0));
+    let out = stop.finish();
+    assert_eq!(out.last(), "supervisor exited with status 0", "{out:?}");
+    assert_eq!(sup.count("killing everything"), 0, "{:?}", sup.lines());
 }
 
 #[test]

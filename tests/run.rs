@@ -790,6 +790,33 @@ fn drain_deadline_kills_an_orphaned_grandchild() {
     wait_gone(g1);
 }
 
+/// A process still in its generation's group gets the stop signal once,
+/// with the group: not a second time as a "stray" when it is reparented
+/// to the supervisor. (Many servers take a second TERM as "quit now".)
+#[test]
+fn a_grandchild_in_the_group_gets_the_stop_signal_once() {
+    let dir = TempDir::new("onceterm");
+    let mut sup = Supervisor::start(
+        &dir,
+        &worker_args(&["--drain-timeout", "2s"]),
+        &[("WORKER_IGNORE_TERM", "1"), ("WORKER_SPAWN", "orphan")],
+    );
+    let p1 = sup.wait_ready(1);
+    let g1 = grandchild(&sup.records, p1);
+    wait_until("the orphan to be reparented", || {
+        stat_field(g1, 4) == Some(sup.pid.to_string())
+    });
+    sup.signal(libc::SIGTERM);
+    wait_event(&sup.records, p1, "signal 15");
+    wait_event(&sup.records, g1, "signal 15");
+    // Both ignore it, so the deadline kills the whole group.
+    assert_eq!(sup.wait_exit().code(), Some(137));
+    wait_gone(g1);
+    let got: Vec<_> = events(&sup.records, g1);
+    assert_eq!(got, ["signal 15"], "the grandchild's signals");
+    assert_eq!(sup.count("left behind by a worker"), 0, "{:?}", sup.lines());
+}
+
 #[test]
 fn daemonized_grandchild_is_reaped_and_killed_at_stop() {
     let dir = TempDir::new("daemon");
