@@ -59,7 +59,7 @@ const FORWARDED: [i32; 6] = [
 ];
 
 /// Why a deploy started, for the log.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
     Boot,
     Sighup,
@@ -93,8 +93,20 @@ struct Deploy {
 }
 
 /// Deploy requests that arrived while one ran, collapsed into one.
+/// What a deploy runs: resolved when it starts, not when it is asked
+/// for, so a queued rollback goes back from what is current by then.
+#[derive(Clone)]
+enum Target {
+    /// The current command (SIGHUP, `deploy` without a command, restarts).
+    Current,
+    /// A new command given to `deploy`.
+    Command(Rc<[OsString]>),
+    /// The command current before the last command change.
+    Rollback,
+}
+
 struct Queued {
-    command: Option<Rc<[OsString]>>,
+    target: Target,
     origin: Origin,
     waiters: Vec<ClientId>,
 }
@@ -117,6 +129,9 @@ struct Stopping {
     orphan_deadline: Option<Instant>,
     /// Strays that already got the stop signal.
     signalled: Vec<i32>,
+    /// Process groups that got SIGKILL: what is left in them is dying,
+    /// not a stray.
+    killed_groups: Vec<i32>,
     /// The stop's drain deadline: what is left after it gets SIGKILL.
     deadline: Instant,
     /// `stop` clients to tell the exit status.
@@ -221,7 +236,7 @@ impl Supervisor {
 
     /// Start the first generation and run until stopped; the exit status.
     pub fn run(mut self) -> i32 {
-        self.start_deploy(None, Origin::Boot, Vec::new(), Instant::now());
+        self.start_deploy(Target::Current, Origin::Boot, Vec::new(), Instant::now());
         loop {
             if let Some(code) = self.finished() {
                 info!("exiting with status {code}");
@@ -373,7 +388,7 @@ impl Supervisor {
         for sig in self.signals.read() {
             match sig {
                 libc::SIGCHLD => reap = true,
-                libc::SIGHUP => self.request_deploy(None, Origin::Sighup, None, now),
+                libc::SIGHUP => self.request_deploy(Target::Current, Origin::Sighup, None, now),
                 libc::SIGTERM | libc::SIGINT => self.begin_stop(&signals::name(sig), now),
                 s if FORWARDED.contains(&s) => match self
                     .active
@@ -395,7 +410,7 @@ impl Supervisor {
 
     fn request_deploy(
         &mut self,
-        command: Option<Rc<[OsString]>>,
+        target: Target,
         origin: Origin,
         waiter: Option<ClientId>,
         now: Instant,
@@ -406,22 +421,28 @@ impl Supervisor {
             }
             return;
         }
-        if self.deploy.is_some() {
+        if let Some(d) = &self.deploy {
+            if origin == Origin::Replace {
+                // The deploy under way replaces the leaving generation when
+                // it succeeds; if it fails, deploy_failed starts another.
+                info!("gen {} will replace the leaving generation", d.n);
+                return;
+            }
             info!(
                 "deploy requested ({}); queued behind gen {}",
                 origin.name(),
-                self.deploy.as_ref().map_or(0, |d| d.n)
+                d.n
             );
             let q = self.queued.get_or_insert(Queued {
-                command: None,
+                target: Target::Current,
                 origin,
                 waiters: Vec::new(),
             });
             // The newest request's command wins (SPEC §5.4); a request for
-            // "the current command" (SIGHUP, STOPPING=1) does not erase a
-            // new command someone is waiting to see deployed.
-            if command.is_some() {
-                q.command = command;
+            // "the current command" (SIGHUP, `deploy` alone) does not erase
+            // a new command or a rollback someone is waiting to see.
+            if !matches!(target, Target::Current) {
+                q.target = target;
             }
             q.origin = origin;
             q.waiters.extend(waiter);
@@ -431,18 +452,39 @@ impl Supervisor {
             return;
         }
         info!("deploy requested ({})", origin.name());
-        self.start_deploy(command, origin, waiter.into_iter().collect(), now);
+        self.start_deploy(target, origin, waiter.into_iter().collect(), now);
     }
 
     fn start_deploy(
         &mut self,
-        command: Option<Rc<[OsString]>>,
+        target: Target,
         origin: Origin,
         waiters: Vec<ClientId>,
         now: Instant,
     ) {
+        let command = match target {
+            Target::Current => self.current_cmd.clone(),
+            Target::Command(c) => c,
+            Target::Rollback => match self.previous_cmd.clone() {
+                Some(c) => {
+                    let line = format!("rolling back to: {}", control::shell_words(&c));
+                    for &id in &waiters {
+                        self.tell(id, &line);
+                    }
+                    c
+                }
+                None => {
+                    info!("rollback refused: the command has not changed since start");
+                    self.conclude(
+                        waiters,
+                        false,
+                        "nothing to roll back to: the command has not changed since start",
+                    );
+                    return self.next_queued(now);
+                }
+            },
+        };
         self.restart_at = None;
-        let command = command.unwrap_or_else(|| self.current_cmd.clone());
         let n = self.next_gen;
         self.next_gen += 1;
         let notify_path = self.rundir.path().join(format!("notify.{n}"));
@@ -551,6 +593,12 @@ impl Supervisor {
             );
             return;
         }
+        if g.leaving {
+            // It already said it is going away: making it active would
+            // retire a generation that stays.
+            let exit = Exit::Code(1);
+            return self.fail_deploy(n, "sent STOPPING=1 before READY=1".into(), exit, now);
+        }
         g.state = State::Ready;
         g.ready_at = Some(now);
         g.deadline = None;
@@ -639,7 +687,10 @@ impl Supervisor {
             self.counters.deploys_failed += 1;
         }
         self.last_failure = Some(format!("gen {n}: {reason}"));
-        let waiters = self.deploy.take().map(|d| d.waiters).unwrap_or_default();
+        let (origin, waiters) = self
+            .deploy
+            .take()
+            .map_or((None, Vec::new()), |d| (Some(d.origin), d.waiters));
         self.conclude(
             waiters,
             false,
@@ -667,8 +718,20 @@ impl Supervisor {
             return;
         }
         self.next_queued(now);
-        if self.deploy.is_none() && self.active.is_none() && self.stop.is_none() {
-            self.schedule_restart(n, now);
+        let leaving = self
+            .active
+            .and_then(|a| self.gens.iter().find(|g| g.n == a))
+            .is_some_and(|g| g.leaving);
+        if self.deploy.is_none() && self.stop.is_none() {
+            if leaving && origin != Some(Origin::Replace) {
+                // The active generation said STOPPING=1 while this deploy
+                // ran: it still needs a replacement. (One try: if that
+                // fails too, it serves until it exits, then the crash
+                // restart takes over.)
+                self.request_deploy(Target::Current, Origin::Replace, None, now);
+            } else if self.active.is_none() {
+                self.schedule_restart(n, now);
+            }
         }
     }
 
@@ -678,7 +741,7 @@ impl Supervisor {
         }
         if let Some(q) = self.queued.take() {
             info!("starting the queued deploy ({})", q.origin.name());
-            self.start_deploy(q.command, q.origin, q.waiters, now);
+            self.start_deploy(q.target, q.origin, q.waiters, now);
         }
     }
 
@@ -720,7 +783,7 @@ impl Supervisor {
                 g.leaving = true;
                 info!("{} is leaving on its own (STOPPING=1)", g.tag());
                 if is_active && g.state == State::Ready {
-                    self.request_deploy(None, Origin::Replace, None, now);
+                    self.request_deploy(Target::Current, Origin::Replace, None, now);
                 }
             }
             Event::Message(Message::ExtendTimeout(usec)) => {
@@ -808,7 +871,7 @@ impl Supervisor {
         // One deadline for the whole stop: a stray found late (reparented
         // when its parent died at the deadline) gets SIGKILL at once.
         let kill_now = stop.forced || now >= stop.deadline;
-        let strays = orphans(&self.gens);
+        let strays = orphans(&self.gens, &stop.killed_groups);
         for &pid in &strays {
             if stop.signalled.contains(&pid) && !kill_now {
                 continue;
@@ -962,14 +1025,14 @@ impl Supervisor {
             self.on_notify_event(n, e, now);
         }
         if self.restart_at.is_some_and(|t| t <= now) {
-            self.start_deploy(None, Origin::CrashRestart, Vec::new(), now);
+            self.start_deploy(Target::Current, Origin::CrashRestart, Vec::new(), now);
         }
         if let Some(stop) = self.stop.as_mut()
             && stop.orphan_deadline.is_some_and(|t| t <= now)
         {
             // They stay `strays` until reaped: the exit waits for that.
             stop.orphan_deadline = None;
-            for pid in orphans(&self.gens) {
+            for pid in orphans(&self.gens, &stop.killed_groups) {
                 warn!("pid {pid} killed at drain deadline (left behind by a worker)");
                 let _ = crate::sys::kill(pid, libc::SIGKILL);
             }
@@ -997,9 +1060,10 @@ impl Supervisor {
                 g.tag()
             );
         }
-        let gone = !g.running();
+        let (gone, pgid) = (!g.running(), g.pid);
         if let Some(stop) = self.stop.as_mut() {
             stop.clean = false;
+            stop.killed_groups.push(pgid);
         }
         if gone {
             // Only leftovers were in the group; SIGKILL cannot be caught.
@@ -1025,9 +1089,10 @@ impl Supervisor {
                     g.signal_group(libc::SIGKILL);
                     g.deadline = None;
                     g.killed = true;
+                    stop.killed_groups.push(g.pid);
                 }
                 self.gens.retain(|g| g.running());
-                for pid in orphans(&self.gens) {
+                for pid in orphans(&self.gens, &stop.killed_groups) {
                     let _ = crate::sys::kill(pid, libc::SIGKILL);
                 }
                 stop.orphan_deadline = None;
@@ -1068,6 +1133,7 @@ impl Supervisor {
             forced: false,
             strays: false,
             signalled: Vec::new(),
+            killed_groups: Vec::new(),
             deadline: now + drain,
             orphan_deadline: None,
             waiters: Vec::new(),
@@ -1091,21 +1157,12 @@ impl Supervisor {
     fn on_request(&mut self, id: ClientId, req: Request, now: Instant) {
         match req {
             Request::Deploy(command) => {
-                let command = command.map(Rc::from);
-                self.request_deploy(command, Origin::Control, Some(id), now);
+                let target = command.map_or(Target::Current, |c| Target::Command(Rc::from(c)));
+                self.request_deploy(target, Origin::Control, Some(id), now);
             }
-            Request::Rollback => match self.previous_cmd.clone() {
-                Some(cmd) => {
-                    let words = control::shell_words(&cmd);
-                    self.tell(id, &format!("rolling back to: {words}"));
-                    self.request_deploy(Some(cmd), Origin::Control, Some(id), now);
-                }
-                None => self.conclude(
-                    vec![id],
-                    false,
-                    "nothing to roll back to: the command has not changed since start",
-                ),
-            },
+            Request::Rollback => {
+                self.request_deploy(Target::Rollback, Origin::Control, Some(id), now)
+            }
             Request::Status(format) => {
                 let body = crate::status::render(self, format, now);
                 let serving = self.serving();
@@ -1169,10 +1226,10 @@ fn exited(pidfd: &std::os::fd::OwnedFd) -> bool {
 
 /// Our children that are not generation workers nor in a tracked
 /// generation's process group (that group already got the stop signal and
-/// has its own deadline): daemons that left their group and were
-/// reparented to us as PID 1 or child subreaper. Read from /proc, only
-/// while stopping.
-fn orphans(gens: &[Generation]) -> Vec<i32> {
+/// has its own deadline) nor in a group that got SIGKILL (dying): daemons
+/// that left their group and were reparented to us as PID 1 or child
+/// subreaper. Read from /proc, only while stopping.
+fn orphans(gens: &[Generation], killed_groups: &[i32]) -> Vec<i32> {
     let me = std::process::id() as i32;
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -1191,7 +1248,8 @@ fn orphans(gens: &[Generation]) -> Vec<i32> {
             let ppid = fields.next().and_then(|p| p.parse::<i32>().ok());
             let pgrp = fields.next().and_then(|p| p.parse::<i32>().ok());
             // A worker leads its generation's group: pgid == worker pid.
-            let in_a_group = pgrp.is_some_and(|pg| gens.iter().any(|g| g.pid == pg));
+            let in_a_group = pgrp
+                .is_some_and(|pg| gens.iter().any(|g| g.pid == pg) || killed_groups.contains(&pg));
             ppid == Some(me) && state != Some("Z") && !in_a_group
         })
         .collect()

@@ -25,6 +25,7 @@ use crate::common::{
     control, get, is_root, kill, mkfifo, release, run_client, skipped, start_record, stat_field,
     worker, write_file,
 };
+use crate::common::{notify_socket, send_dgram};
 
 // ---------------------------------------------------------------------------
 // Private helpers.
@@ -478,6 +479,106 @@ fn deploy_argv_arrives_byte_exact_and_rollback_returns_to_the_previous_command()
     assert_eq!(n, 4);
     assert_eq!(start_record(&rec, pid4).args(), fancy_bytes);
     sup.wait_ready(4);
+}
+
+/// A rollback asked for while a deploy changes the command goes back from
+/// the command that deploy makes current: it is resolved when it runs,
+/// not when it is queued (when there was nothing to roll back to yet).
+#[test]
+fn a_queued_rollback_is_resolved_when_it_runs() {
+    let dir = TempDir::new("ctl-qrollback");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let gate = dir.join("gate");
+    let new_cmd = gated(&gate, &[worker()], 0);
+    let mut deploy = Bg::spawn(deploy_cmd(&dir, &new_cmd));
+    deploy.wait_line("spawned gen 2");
+    let mut rollback = Bg::spawn(client_cmd(&dir, "rollback", &[]));
+    rollback.wait_line("deploy queued behind the one under way");
+    open_gate(&gate);
+    assert_eq!(deploy.finish().code(), 0);
+    let out = rollback.finish();
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(
+        out.stdout
+            .contains(&format!("rolling back to: {}\n", worker())),
+        "{out:?}"
+    );
+    assert_eq!(deployed(out.last()).0, 3);
+    assert_switched_to(&sup, addr, 3, &[1, 2]);
+    assert_eq!(
+        json_field(&dir, "d['command']"),
+        format!("[\"{}\"]", worker())
+    );
+}
+
+/// `STOPPING=1` from the active generation while a deploy is under way:
+/// that deploy is its replacement. No second deploy follows it and
+/// replaces the brand-new generation.
+#[test]
+fn stopping_during_a_deploy_is_covered_by_that_deploy() {
+    let dir = TempDir::new("ctl-leavedeploy");
+    let (sup, addr, p1) = start(&dir, &[], &[]);
+    let gate = dir.join("gate");
+    let mut deploy = Bg::spawn(deploy_cmd(&dir, &gated(&gate, &[worker()], 0)));
+    deploy.wait_line("spawned gen 2");
+    send_dgram(&notify_socket(&sup.records, p1), b"STOPPING=1");
+    sup.wait_line("gen 2 will replace the leaving generation");
+    open_gate(&gate);
+    let out = deploy.finish();
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(deployed(out.last()).0, 2);
+    assert_switched_to(&sup, addr, 2, &[1]);
+    // The next deploy is gen 3: nothing ran in between.
+    let out = cf(&dir, "deploy", &["--", worker()]);
+    assert_eq!(deployed(out.last()).0, 3, "{out:?}");
+    assert_eq!(
+        sup.count("starting the queued deploy"),
+        0,
+        "{:?}",
+        sup.lines()
+    );
+}
+
+/// The same, but the deploy fails: the leaving generation still gets its
+/// replacement.
+#[test]
+fn stopping_during_a_failed_deploy_still_gets_a_replacement() {
+    let dir = TempDir::new("ctl-leavefail");
+    let (sup, addr, p1) = start(&dir, &[], &[]);
+    let gate = dir.join("gate");
+    let mut deploy = Bg::spawn(deploy_cmd(&dir, &gated(&gate, &[], 3)));
+    deploy.wait_line("spawned gen 2");
+    send_dgram(&notify_socket(&sup.records, p1), b"STOPPING=1");
+    sup.wait_line("gen 2 will replace the leaving generation");
+    open_gate(&gate);
+    assert_eq!(deploy.finish().code(), 1);
+    sup.wait_ready(3);
+    assert_switched_to(&sup, addr, 3, &[1]);
+}
+
+/// A starting generation that says `STOPPING=1` and then `READY=1` is
+/// going away: it must not retire the one that serves. The deploy fails
+/// closed.
+#[test]
+fn stopping_before_ready_fails_the_deploy_closed() {
+    let dir = TempDir::new("ctl-stopready");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let script = "import os, signal, socket\n\
+                  s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+                  s.sendto(b'STOPPING=1', os.environ['NOTIFY_SOCKET'])\n\
+                  s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n\
+                  signal.pause()\n";
+    let out = cf(&dir, "deploy", &["--", "python3", "-c", script]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("deploy of gen 2 failed: sent STOPPING=1 before READY=1"),
+        "{out:?}"
+    );
+    sup.wait_gen(2, "exited");
+    assert_served_by(addr, 1);
+    assert_eq!(sup.count("draining"), 0, "{:?}", sup.lines());
+    assert_eq!(cf(&dir, "status", &["--check"]).code(), 0);
 }
 
 #[test]
