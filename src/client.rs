@@ -28,7 +28,7 @@ pub fn deploy(
     let req = control::encode_request("deploy", None, command.as_deref());
     finish(exchange(control, &req, timeout, &mut |kind, text| {
         if kind == "progress" {
-            println!("{text}");
+            crate::log::out(text);
         }
     }))
 }
@@ -37,7 +37,7 @@ pub fn rollback(control: Option<PathBuf>) -> i32 {
     let req = control::encode_request("rollback", None, None);
     finish(exchange(control, &req, None, &mut |kind, text| {
         if kind == "progress" {
-            println!("{text}");
+            crate::log::out(text);
         }
     }))
 }
@@ -48,11 +48,11 @@ pub fn status(control: Option<PathBuf>, json: bool, check: bool) -> i32 {
         let req = control::encode_request("status", Some("check"), None);
         return match exchange(control, &req, Some(Duration::from_secs(30)), &mut |_, _| {}) {
             Ok(Outcome::Ok(text)) => {
-                println!("{text}");
+                crate::log::out(&text);
                 0
             }
             Ok(Outcome::Failed(text)) => {
-                println!("{text}");
+                crate::log::out(&text);
                 1
             }
             other => finish(other),
@@ -66,7 +66,7 @@ pub fn status(control: Option<PathBuf>, json: bool, check: bool) -> i32 {
         Some(Duration::from_secs(30)),
         &mut |kind, text| {
             if kind == "data" {
-                println!("{text}");
+                crate::log::out(text);
             }
         },
     ))
@@ -95,7 +95,7 @@ pub fn stop(control: Option<PathBuf>) -> i32 {
                 while let Err(rustix::io::Errno::INTR) = rustix::event::poll(&mut fds, None) {}
             }
             // "exited with status N": the supervisor's own exit status.
-            println!("supervisor {text}");
+            crate::log::out(&format!("supervisor {text}"));
             0
         }
         other => finish(other),
@@ -106,16 +106,16 @@ fn finish(r: Result<Outcome, (i32, String)>) -> i32 {
     match r {
         Ok(Outcome::Ok(text)) => {
             if !text.is_empty() {
-                println!("{text}");
+                crate::log::out(&text);
             }
             0
         }
         Ok(Outcome::Failed(text)) => {
-            eprintln!("containerflip: {text}");
+            crate::log::line(format_args!("{text}"));
             1
         }
         Err((code, text)) => {
-            eprintln!("containerflip: {text}");
+            crate::log::line(format_args!("{text}"));
             code
         }
     }

@@ -24,6 +24,16 @@ pub fn line(args: std::fmt::Arguments<'_>) {
     let _ = std::io::stderr().write_all(&buf);
 }
 
+/// Write `text` and a newline to stdout (the client commands' output).
+/// A closed or full stdout is not worth a panic: the caller already went
+/// away, and with `panic = "abort"` a panic would be a SIGABRT.
+pub fn out(text: &str) {
+    let mut buf = Vec::with_capacity(text.len() + 1);
+    buf.extend_from_slice(text.as_bytes());
+    buf.push(b'\n');
+    let _ = std::io::stdout().write_all(&buf);
+}
+
 /// A lifecycle event (hidden by `-q`).
 #[macro_export]
 macro_rules! info {

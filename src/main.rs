@@ -36,14 +36,14 @@ fn main() -> ExitCode {
     let original = match sys::set_signal_mask(&sys::SigSet::all_but_faults()) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("containerflip: fatal: unable to block signals: {e}");
+            log::line(format_args!("fatal: unable to block signals: {e}"));
             return ExitCode::from(1);
         }
     };
     let cmd = match cli::parse(std::env::args_os()) {
         Ok(c) => c,
         Err(usage) => {
-            eprintln!("containerflip: {usage}");
+            log::line(format_args!("{usage}"));
             return ExitCode::from(2);
         }
     };
@@ -58,11 +58,11 @@ fn main() -> ExitCode {
     }
     let code = match cmd {
         Command::Help(text) => {
-            print!("{text}");
+            log::out(text.trim_end_matches('\n'));
             0
         }
         Command::Version => {
-            println!("containerflip {}", cli::VERSION);
+            log::out(&format!("containerflip {}", cli::VERSION));
             0
         }
         Command::Run(cfg) => run::run(cfg),

@@ -17,13 +17,13 @@ pub fn run(mut cfg: RunConfig) -> i32 {
     log::set_level(cfg.verbosity);
     if cfg.listen.is_empty() && Inherited::from_env().count == 0 {
         // SPEC §2: a usage error, though only the environment tells.
-        eprintln!(
-            "containerflip: {}",
+        log::line(format_args!(
+            "{}",
             crate::cli::Usage(
                 "run: no --listen given and no sockets passed by socket activation (LISTEN_FDS)"
                     .into()
             )
-        );
+        ));
         return 2;
     }
     match start(&mut cfg) {

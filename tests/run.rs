@@ -8,7 +8,7 @@ use std::io::{BufReader, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
@@ -1253,6 +1253,44 @@ fn bind_error_names_the_address_and_exits_one() {
             .to_string_lossy()
             .ends_with(".start"))
     );
+}
+
+/// Writing to a pipe nobody reads never turns into a panic (with
+/// `panic = "abort"`, a SIGABRT): usage errors, printed while SIGPIPE is
+/// still blocked, keep exit status 2; client commands restore SIGPIPE's
+/// default and end by it, like any filter (`status | head`).
+#[test]
+fn a_closed_stdout_or_stderr_is_an_exit_status_or_sigpipe_never_a_crash() {
+    let dir = TempDir::new("epipe");
+    let closed = || {
+        let (r, w) = std::io::pipe().expect("pipe");
+        drop(r);
+        w
+    };
+    let ctl = dir.join("nobody.sock");
+    let cases: [(&[&str], Result<i32, i32>); 5] = [
+        (&["--bogus"], Ok(2)),
+        (&["run", "--", "true"], Ok(2)),
+        (&["run", "--listen", "127.0.0.1:0"], Ok(2)),
+        (
+            &["status", "--control", ctl.to_str().unwrap()],
+            Err(libc::SIGPIPE),
+        ),
+        (&["--version"], Err(libc::SIGPIPE)),
+    ];
+    for (args, want) in cases {
+        let status = Command::new(bin())
+            .args(args)
+            .env_remove("LISTEN_FDS")
+            .stdout(closed())
+            .stderr(closed())
+            .status()
+            .expect("run containerflip");
+        match want {
+            Ok(code) => assert_eq!(status.code(), Some(code), "{args:?}: {status}"),
+            Err(sig) => assert_eq!(status.signal(), Some(sig), "{args:?}: {status}"),
+        }
+    }
 }
 
 #[test]
