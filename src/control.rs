@@ -202,6 +202,9 @@ struct Client {
     output: Vec<u8>,
     phase: Phase,
     deadline: Option<Instant>,
+    /// The client shut down its sending side after its request (`nc -N`,
+    /// socat): it still reads the answer.
+    read_shut: bool,
 }
 
 pub struct Control {
@@ -270,8 +273,9 @@ impl Control {
         let listen = accepting.then(|| (self.fd.as_fd(), PollFlags::IN));
         listen.into_iter().chain(self.clients.iter().map(|c| {
             let mut flags = PollFlags::empty();
-            if c.phase != Phase::Closing {
-                // While waiting we still watch for hang-ups and stray bytes.
+            if c.phase != Phase::Closing && !c.read_shut {
+                // While waiting we still watch for stray bytes and the end
+                // of the client's input. (A hang-up is always reported.)
                 flags |= PollFlags::IN;
             }
             if !c.output.is_empty() {
@@ -307,8 +311,9 @@ impl Control {
         if flags.intersects(PollFlags::OUT) {
             self.flush(i);
         }
-        if flags.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR)
-            && let Some(req) = self.read(i)
+        let hung_up = flags.intersects(PollFlags::HUP | PollFlags::ERR);
+        if (hung_up || flags.intersects(PollFlags::IN))
+            && let Some(req) = self.read(i, hung_up)
         {
             out.push((self.clients[i].id, req));
         }
@@ -368,16 +373,24 @@ impl Control {
                 output: Vec::new(),
                 phase: Phase::Reading,
                 deadline: Some(now + REQUEST_TIMEOUT),
+                read_shut: false,
             });
         }
     }
 
     /// Read what is there. Returns a request once the empty line arrives.
-    fn read(&mut self, i: usize) -> Option<Request> {
+    /// `hung_up`: poll said the connection is closed both ways.
+    fn read(&mut self, i: usize, hung_up: bool) -> Option<Request> {
         let mut buf = [0u8; 16 * 1024];
         loop {
             let c = &mut self.clients[i];
             match rustix::io::read(&c.fd, &mut buf) {
+                Ok(0) if c.phase == Phase::Waiting && !hung_up && !c.read_shut => {
+                    // The client is done sending, not reading: it gets its
+                    // answer. It stops being watched for input.
+                    c.read_shut = true;
+                    return None;
+                }
                 Ok(0) => {
                     // Gone. A waiting request carries on without it.
                     c.output.clear();

@@ -973,6 +973,41 @@ fn bad_requests_get_an_error_line_and_change_nothing() {
     );
 }
 
+/// A client that shuts down its sending side after the request (as
+/// `nc -N` and socat do) still gets every line up to the result. (One
+/// that closes completely is dropped and the deploy goes on: see
+/// `a_killed_deploy_client_does_not_cancel_the_deploy`.)
+#[test]
+fn a_half_closed_client_still_gets_its_result() {
+    let dir = TempDir::new("ctl-halfclose");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let gate = dir.join("gate");
+    let mut req = b"containerflip/1 deploy\n".to_vec();
+    for a in gated(&gate, &[worker()], 0) {
+        req.extend_from_slice(b"arg ");
+        for b in a.as_bytes() {
+            req.extend_from_slice(format!("{b:02x}").as_bytes());
+        }
+        req.push(b'\n');
+    }
+    req.push(b'\n');
+    let s = UnixStream::connect(control(&dir)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    (&s).write_all(&req).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    // It is waiting: gen 2 is held at the gate. Let it go.
+    sup.wait_gen(2, "spawned");
+    open_gate(&gate);
+    let mut reply = String::new();
+    (&s).read_to_string(&mut reply)
+        .expect("read the answer to the end");
+    assert!(reply.starts_with("progress spawned gen 2 "), "{reply:?}");
+    assert!(reply.ends_with('\n'), "{reply:?}");
+    let last = reply.lines().last().unwrap();
+    assert!(last.starts_with("ok deployed gen 2 pid "), "{reply:?}");
+    assert_switched_to(&sup, addr, 2, &[1]);
+}
+
 #[test]
 fn a_half_written_request_is_closed_and_blocks_nobody() {
     let dir = TempDir::new("ctl-half");
