@@ -411,12 +411,11 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     (ms <= MAX_DURATION.as_millis() as u64).then(|| Duration::from_millis(ms))
 }
 
-/// `412ms`, `3s`, `2m`: the shortest exact rendering, for log lines.
+/// `412ms`, `3s`, `60s`, `600s`: exact, in seconds when whole, for log
+/// lines and deploy failure reasons (`no READY=1 within 60s`, SPEC §5.3).
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms.is_multiple_of(60_000) && ms >= 60_000 {
-        format!("{}m", ms / 60_000)
-    } else if ms.is_multiple_of(1000) && ms >= 1000 {
+    if ms.is_multiple_of(1000) && ms >= 1000 {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -446,6 +445,9 @@ mod tests {
         assert_eq!(parse_duration(""), None);
         assert_eq!(format_duration(Duration::from_millis(412)), "412ms");
         assert_eq!(format_duration(Duration::from_secs(30)), "30s");
+        assert_eq!(format_duration(Duration::from_secs(60)), "60s");
+        assert_eq!(format_duration(Duration::from_secs(600)), "600s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
 
     #[test]

@@ -173,6 +173,10 @@ pub struct Supervisor {
     queued: Option<Queued>,
     restart_at: Option<Instant>,
     backoff: Duration,
+    /// Since when some generation has been serving without a gap (a
+    /// deploy is no gap); a crash that ends a stretch of 10 s or more
+    /// restarts with the shortest backoff.
+    serving_since: Option<Instant>,
     pub current_cmd: Rc<[OsString]>,
     pub previous_cmd: Option<Rc<[OsString]>>,
     booted: bool,
@@ -224,6 +228,7 @@ impl Supervisor {
             queued: None,
             restart_at: None,
             backoff: BACKOFF_MIN,
+            serving_since: None,
             current_cmd,
             previous_cmd: None,
             booted: false,
@@ -606,6 +611,7 @@ impl Supervisor {
         let command = g.command.clone();
         let tag = g.tag();
         info!("{tag} ready in {}ms", took.as_millis());
+        self.serving_since.get_or_insert(now);
         if let Some(d) = &self.deploy {
             let line = format!("gen {n} ready in {} ms", took.as_millis());
             for &id in &d.waiters.clone() {
@@ -962,13 +968,11 @@ impl Supervisor {
             return;
         }
         self.counters.crash_restarts += 1;
-        let ready_for = self
-            .gens
-            .iter()
-            .find(|g| g.n == n)
-            .and_then(|g| g.ready_at)
+        let served_for = self
+            .serving_since
+            .take()
             .map(|t| now.saturating_duration_since(t));
-        if ready_for.is_some_and(|d| d >= BACKOFF_RESET) {
+        if served_for.is_some_and(|d| d >= BACKOFF_RESET) {
             self.backoff = BACKOFF_MIN;
         }
         match &self.deploy {

@@ -262,6 +262,42 @@ fn quit_winch_ttin_ttou_usr1_usr2_reach_the_active_worker() {
 // ---------------------------------------------------------------------------
 // Crash restarts.
 
+/// The backoff resets after 10 s of service without a gap, however many
+/// deploys that service spanned: a generation deployed a moment before it
+/// crashes restarts after 100 ms again, not after the doubled delay.
+#[test]
+fn backoff_resets_after_ten_seconds_of_service_across_deploys() {
+    let dir = TempDir::new("backoff-reset");
+    let sup = Supervisor::start(&dir, &worker_args(&[]), &[]);
+    let addr = sup.listen_addr();
+    // Two crashes in quick succession: 100 ms, then 200 ms.
+    kill(sup.wait_ready(1) as i32, libc::SIGKILL);
+    kill(sup.wait_ready(2) as i32, libc::SIGKILL);
+    sup.wait_ready(3);
+    // 10 s of service: the clock is a supervisor started now whose
+    // 10-second ready timeout has to expire.
+    let clock_dir = TempDir::new("backoff-clock");
+    let mut clock = Supervisor::start(
+        &clock_dir,
+        &worker_args(&["--ready-timeout", "10s"]),
+        &[("WORKER_NO_READY", "1")],
+    );
+    clock.wait_line("no READY=1 within 10s");
+    assert_eq!(clock.wait_exit().code(), Some(1));
+    // A deploy is no gap in the service; its generation then crashes.
+    let out = client(&dir, "deploy", &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    kill(sup.wait_ready(4) as i32, libc::SIGKILL);
+    sup.wait_ready(5);
+    let delays: Vec<String> = sup
+        .lines()
+        .iter()
+        .filter_map(|l| l.split_once("restarting in ").map(|(_, d)| d.to_string()))
+        .collect();
+    assert_eq!(delays, ["100ms", "200ms", "100ms"], "{:?}", sup.lines());
+    assert_eq!(served_gen(addr), 5);
+}
+
 /// Every restart fails (the env file makes new workers exit 1 before
 /// READY=1): the backoff doubles from 100 ms. A deploy during the backoff
 /// starts at once: its result comes before any further restart.
