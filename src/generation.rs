@@ -76,6 +76,12 @@ pub struct Generation {
     pub pid: i32,
     /// Wakes the loop when the worker exits; dropped once it is reaped.
     pub pidfd: Option<OwnedFd>,
+    /// The exec-report pipe, until the child exec'd or said why not.
+    pub exec_report: Option<OwnedFd>,
+    /// A signal for the group that came before the exec: the child drops
+    /// signals that were pending before its `setpgid`, so it is sent once
+    /// the exec is reported.
+    pub deferred_signal: Option<i32>,
     pub notify: Option<NotifySocket>,
     pub command: Rc<[OsString]>,
     pub state: State,
@@ -103,8 +109,13 @@ impl Generation {
     }
 
     /// Signal the whole process group (the worker is its leader). Falls
-    /// back to the worker alone if the group does not exist yet.
-    pub fn signal_group(&self, sig: i32) {
+    /// back to the worker alone if the group does not exist yet. Before
+    /// the exec, only SIGKILL goes out at once; see `deferred_signal`.
+    pub fn signal_group(&mut self, sig: i32) {
+        if sig != libc::SIGKILL && self.exec_report.is_some() {
+            self.deferred_signal = Some(sig);
+            return;
+        }
         if sys::kill(-self.pid, sig).is_err() && self.exit.is_none() {
             let _ = sys::kill(self.pid, sig);
         }

@@ -1,7 +1,10 @@
 //! Starting a worker: build argv and envp before `fork` (with a
 //! fixed-width `LISTEN_PID=` slot the child fills in), fork, let
-//! `sys::exec_child` set the child up, open a pidfd, and learn whether
-//! `execve` worked from a close-on-exec pipe (as Rust's std does).
+//! `sys::exec_child` set the child up, open a pidfd, and hand back the
+//! read end of a close-on-exec pipe that says whether `execve` worked (as
+//! Rust's std does, but without blocking: the event loop watches it, so a
+//! child stuck before exec, in a `chdir` to a hung mount say, holds up
+//! nothing but its own generation).
 //!
 //! `std::process::Command` is not used: it builds the environment in a
 //! way that cannot carry the child's own pid, and it hides the
@@ -57,9 +60,40 @@ pub struct Request<'a> {
 pub struct Child {
     pub pid: i32,
     pub pidfd: OwnedFd,
+    /// Non-blocking; see [`read_exec_report`].
+    pub exec_report: OwnedFd,
+}
+
+/// What the exec-report pipe says so far.
+pub enum ExecReport {
+    /// Nothing yet: the child is still setting up.
+    Pending,
+    /// End of file: the child exec'd (or died without a word).
+    Done,
     /// The child's set-up or `execve` failed (it then exits 1, 126 or
     /// 127): what it was doing and the OS error.
-    pub setup_error: Option<(sys::Stage, std::io::Error)>,
+    Failed(sys::Stage, std::io::Error),
+}
+
+/// Read the child's report: 5 bytes (stage, errno) or end of file. The
+/// child writes them in one `write` of less than `PIPE_BUF`, so they
+/// arrive whole.
+pub fn read_exec_report(pipe: &OwnedFd) -> ExecReport {
+    let mut msg = [0u8; 5];
+    loop {
+        return match rustix::io::read(pipe, &mut msg) {
+            Ok(5) => match sys::Stage::from_byte(msg[0]) {
+                Some(stage) => {
+                    let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
+                    ExecReport::Failed(stage, std::io::Error::from_raw_os_error(errno))
+                }
+                None => ExecReport::Done,
+            },
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => ExecReport::Pending,
+            _ => ExecReport::Done,
+        };
+    }
 }
 
 /// Start a worker. An `Err` is a spawn that never produced a process
@@ -139,8 +173,8 @@ pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
     envp.push(slot.as_ptr().cast());
     envp.push(std::ptr::null());
 
-    let (err_read, err_write) =
-        pipe_with(PipeFlags::CLOEXEC).map_err(|e| format!("unable to create a pipe: {e}"))?;
+    let (err_read, err_write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
+        .map_err(|e| format!("unable to create a pipe: {e}"))?;
     let plan = sys::ChildPlan {
         path: &path,
         argv: &argv_ptrs,
@@ -167,19 +201,10 @@ pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
             return Err(format!("unable to open a pidfd for pid {pid}: {e}"));
         }
     };
-    // Blocks until the child execs (EOF) or reports a failure (5 bytes).
-    let mut msg = [0u8; 5];
-    let setup_error = match rustix::io::read(&err_read, &mut msg) {
-        Ok(5) => sys::Stage::from_byte(msg[0]).map(|stage| {
-            let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
-            (stage, std::io::Error::from_raw_os_error(errno))
-        }),
-        _ => None,
-    };
     Ok(Child {
         pid,
         pidfd,
-        setup_error,
+        exec_report: err_read,
     })
 }
 

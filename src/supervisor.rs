@@ -1,8 +1,8 @@
 //! The event loop and the deploy state machine of SPEC §5.
 //!
-//! One thread, one `poll(2)` over: the signalfd, each generation's pidfd
-//! and notify socket (with its stream connections), and the control
-//! socket with its clients. Every timer is a deadline folded into poll's
+//! One thread, one `poll(2)` over: the signalfd, each generation's pidfd,
+//! exec-report pipe (until it exec'd) and notify socket (with its stream
+//! connections), and the control socket with its clients. Every timer is a deadline folded into poll's
 //! timeout, so an idle supervisor sleeps in poll with no timeout at all.
 //!
 //! Events and their handlers:
@@ -10,6 +10,7 @@
 //! | event                         | handler          |
 //! |-------------------------------|------------------|
 //! | SIGHUP, `deploy`, STOPPING=1  | `request_deploy` |
+//! | child exec'd or could not     | `on_exec_report` |
 //! | READY=1 from a starting gen   | `promote`        |
 //! | worker reaped                 | `on_exit`        |
 //! | ready deadline                | `fail_deploy`    |
@@ -150,6 +151,7 @@ pub struct Counters {
 enum Source {
     Signals,
     Pidfd(u64),
+    ExecReport(u64),
     Notify(u64, RawFd),
     Control(RawFd),
 }
@@ -275,6 +277,7 @@ impl Supervisor {
                     reap = true;
                     exited_gens.push(n);
                 }
+                Source::ExecReport(n) => self.on_exec_report(n),
                 Source::Signals => reap |= self.on_signals(now),
                 Source::Control(fd) => self.on_control(fd, flags, now),
             }
@@ -316,6 +319,10 @@ impl Supervisor {
             if let Some(p) = &g.pidfd {
                 fds.push(PollFd::new(p, PollFlags::IN));
                 sources.push(Source::Pidfd(g.n));
+            }
+            if let Some(p) = &g.exec_report {
+                fds.push(PollFd::new(p, PollFlags::IN));
+                sources.push(Source::ExecReport(g.n));
             }
             if let Some(ns) = &g.notify {
                 for fd in ns.poll_fds() {
@@ -523,6 +530,8 @@ impl Supervisor {
             n,
             pid: child.pid,
             pidfd: Some(child.pidfd),
+            exec_report: Some(child.exec_report),
+            deferred_signal: None,
             notify: Some(notify),
             command: command.clone(),
             state: State::Starting,
@@ -537,23 +546,6 @@ impl Supervisor {
         };
         info!("{} spawned", g.tag());
         debug!("{} command: {}", g.tag(), control::shell_words(&command));
-        if let Some((stage, e)) = child.setup_error {
-            let what = match stage {
-                crate::sys::Stage::Exec => command[0].to_string_lossy().into_owned(),
-                crate::sys::Stage::Chdir => self
-                    .cfg
-                    .chdir
-                    .as_deref()
-                    .map_or_else(String::new, |d| d.display().to_string()),
-                _ => String::new(),
-            };
-            warn!(
-                "{} unable to {} {what}: {}",
-                g.tag(),
-                stage.doing(),
-                crate::error::os_message(&e)
-            );
-        }
         let line = format!("spawned gen {n} pid {}", g.pid);
         self.gens.push(g);
         for &id in &waiters {
@@ -894,8 +886,54 @@ impl Supervisor {
         stop.orphan_deadline = (stop.strays && !kill_now).then_some(stop.deadline);
     }
 
+    /// Generation `n`'s child exec'd, or said why it could not: one line
+    /// naming what failed, before the exit status that follows.
+    fn on_exec_report(&mut self, n: u64) {
+        let chdir = self.cfg.chdir.clone();
+        let Some(g) = self.gen_mut(n) else { return };
+        let Some(pipe) = &g.exec_report else { return };
+        match spawn::read_exec_report(pipe) {
+            spawn::ExecReport::Pending => return,
+            spawn::ExecReport::Done => {
+                g.exec_report = None;
+                if let Some(sig) = g.deferred_signal.take() {
+                    debug!("{} exec'd; sending {} now", g.tag(), signals::name(sig));
+                    g.signal_group(sig);
+                }
+            }
+            spawn::ExecReport::Failed(stage, e) => {
+                let what = match stage {
+                    crate::sys::Stage::Exec => g.command[0].to_string_lossy().into_owned(),
+                    crate::sys::Stage::Chdir => {
+                        chdir.map_or_else(String::new, |d| d.display().to_string())
+                    }
+                    _ => String::new(),
+                };
+                let what = if what.is_empty() {
+                    what
+                } else {
+                    format!(" {what}")
+                };
+                warn!(
+                    "{} unable to {}{what}: {}",
+                    g.tag(),
+                    stage.doing(),
+                    crate::error::os_message(&e)
+                );
+            }
+        }
+        g.exec_report = None;
+    }
+
     /// Generation `n`'s worker exited with `exit`.
     fn on_exit(&mut self, n: u64, exit: Exit, now: Instant) {
+        // Its report is complete by now (the write end died with it). The
+        // exit is recorded first: a deferred signal then goes to what is
+        // left of the group only, never to the reaped (reusable) pid.
+        if let Some(g) = self.gen_mut(n) {
+            g.exit = Some(exit);
+        }
+        self.on_exec_report(n);
         let stopping = self.stop.is_some();
         let Some(g) = self.gen_mut(n) else { return };
         g.exit = Some(exit);

@@ -478,3 +478,111 @@ fn an_idle_supervisor_makes_no_system_calls() {
     }
     panic!("the supervisor woke up while idle (voluntary, nonvoluntary): {seen:?}");
 }
+
+// ---------------------------------------------------------------------------
+// A child stuck before exec.
+
+/// `strace -f` running `containerflip run` with the first `SYSCALL` of
+/// every process held for an hour (strace's delay injection): a child
+/// stuck in that system call between fork and exec. `None` (and a
+/// visible skip) without strace.
+fn run_under_strace(dir: &TempDir, test: &str, syscall: &str, args: &[&str]) -> Option<Supervisor> {
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        skipped(test, "no strace (the CI script installs it)");
+        return None;
+    }
+    let ctl = control(dir);
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args([
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        &format!("trace={syscall}"),
+    ])
+    .args([
+        "-e",
+        &format!("inject={syscall}:delay_enter=3600s"),
+        bin(),
+        "run",
+    ])
+    .args([
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        ctl.to_str().unwrap(),
+    ])
+    .args(args)
+    .env_clear()
+    .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    Some(Supervisor::spawn(cmd, dir, &[]))
+}
+
+/// A child stuck between fork and exec (here held inside chdir(2) by
+/// strace's syscall-delay injection, as a hung network mount would hold
+/// it) holds up nothing but its own generation: the supervisor goes on
+/// answering the control socket, with the generation shown as starting.
+/// Once the child is let go it execs and serves as usual.
+#[test]
+fn a_child_stuck_before_exec_does_not_block_the_supervisor() {
+    let test = "a_child_stuck_before_exec_does_not_block_the_supervisor";
+    let dir = TempDir::new("stuckexec");
+    let args = ["--chdir", dir.str(), "--", worker()];
+    let Some(sup) = run_under_strace(&dir, test, "chdir", &args) else {
+        return;
+    };
+    let (p1, _) = sup.wait_gen(1, "spawned");
+    // sup.pid is strace; the supervisor is the stuck child's parent.
+    let real: u32 = stat_field(p1, 4).and_then(|p| p.parse().ok()).unwrap();
+
+    let out = client(&dir, "status", &["--check"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let json = status_json(&dir);
+    assert!(
+        gen_json(&json, p1).contains("\"state\":\"starting\""),
+        "{json}"
+    );
+    assert_eq!(sup.count("ready in"), 0, "{:?}", sup.lines());
+
+    // strace gone, the chdir completes: gen 1 execs and becomes ready.
+    kill(sup.pid as i32, libc::SIGKILL);
+    assert_eq!(sup.wait_ready(1), p1);
+    assert_eq!(served_gen(sup.listen_addr()), 1);
+    kill(real as i32, libc::SIGTERM);
+    sup.wait_line("exiting with status 0");
+    wait_gone(real);
+}
+
+/// A stop signal that comes while the child has not even made its process
+/// group yet (held inside setpgid(2)) reaches the worker once it has
+/// exec'd: the child discards signals pending before its setpgid, so the
+/// supervisor holds the signal back until the exec is reported, rather
+/// than losing it and waiting out the (here ten-minute) drain deadline.
+#[test]
+fn a_stop_signal_before_the_exec_reaches_the_worker_after_it() {
+    let test = "a_stop_signal_before_the_exec_reaches_the_worker_after_it";
+    let dir = TempDir::new("stopb4exec");
+    let args = ["--drain-timeout", "10m", "--", worker()];
+    let Some(sup) = run_under_strace(&dir, test, "setpgid", &args) else {
+        return;
+    };
+    let (p1, _) = sup.wait_gen(1, "spawned");
+    let real: u32 = stat_field(p1, 4).and_then(|p| p.parse().ok()).unwrap();
+    kill(real as i32, libc::SIGTERM);
+    sup.wait_gen(1, "draining");
+    // strace gone, the child makes its group, execs, and gets the signal.
+    kill(sup.pid as i32, libc::SIGKILL);
+    let (_, exit) = sup.wait_gen(1, "exited with");
+    assert!(
+        exit.ends_with("exited with status 0") || exit.ends_with("exited with signal SIGTERM"),
+        "{exit}"
+    );
+    sup.wait_line("exiting with status");
+    assert_eq!(sup.count("killed at"), 0, "{:?}", sup.lines());
+    wait_gone(real);
+}

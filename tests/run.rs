@@ -1206,6 +1206,51 @@ fn second_stop_signal_kills_everything_at_once() {
     wait_gone(p1);
 }
 
+/// A worker that cannot start gets one line naming what failed (the
+/// program, the directory) before the exit status, which is the shell's
+/// convention: 127 not found, 126 not executable, 1 for a failed chdir.
+#[test]
+fn a_worker_that_cannot_start_is_named_with_the_reason() {
+    let dir = TempDir::new("noexec");
+    let plain = dir.join("not-executable");
+    write_file(&plain, "#!/bin/sh\n");
+    let missing_dir = dir.join("missing");
+    let cases = [
+        (
+            vec!["--", "/nonexistent/prog"],
+            127,
+            "unable to execute /nonexistent/prog: No such file or directory".to_string(),
+        ),
+        (
+            vec!["--", plain.to_str().unwrap()],
+            126,
+            format!("unable to execute {}: Permission denied", plain.display()),
+        ),
+        (
+            vec!["--chdir", missing_dir.to_str().unwrap(), "--", worker()],
+            1,
+            format!(
+                "unable to change directory {}: No such file or directory",
+                missing_dir.display()
+            ),
+        ),
+    ];
+    for (args, code, reason) in cases {
+        let mut all = vec!["--listen", "127.0.0.1:0"];
+        all.extend_from_slice(&args);
+        let mut sup = Supervisor::start(&dir, &all, &[]);
+        assert_eq!(sup.wait_exit().code(), Some(code), "{args:?}");
+        let (p1, why) = sup.wait_gen(1, "unable to");
+        assert_eq!(why, format!("containerflip: gen 1 pid {p1} {reason}"));
+        let lines = sup.lines();
+        let at = |needle: &str| lines.iter().position(|l| l.contains(needle));
+        assert!(
+            at(&reason) < at(&format!("exited with status {code} before READY=1")),
+            "{lines:?}"
+        );
+    }
+}
+
 #[test]
 fn first_generation_failing_at_boot_is_the_exit_status() {
     let dir = TempDir::new("bootexit");
