@@ -4,7 +4,10 @@ import type { Server as NetServer } from 'node:net';
 import type { Server as HttpServer } from 'node:http';
 import type { Server as HttpsServer } from 'node:https';
 
-/** A server the drain machinery works with: it emits `request` events. */
+/**
+ * A server the drain machinery works with: HTTP/1.x, which emits `request`
+ * events and honours `Connection: close`. HTTP/2 is not supported.
+ */
 export type DrainableServer = HttpServer | HttpsServer;
 
 /** Receives one human-readable lifecycle message per call. */
@@ -26,6 +29,7 @@ export interface AttachOptions {
 export interface DrainOptions {
   /**
    * How long connections may take to finish before the rest are closed.
+   * Capped at 2147483647 ms, the longest delay a Node timer can wait.
    * @default Number(process.env.DRAIN_GRACE_MS), else 28000
    */
   graceMs?: number;
@@ -39,7 +43,8 @@ export interface DrainOptions {
 export interface GracefulDrainOptions extends DrainOptions {
   /**
    * Signals that start the drain (and then exit 0). `[]` installs only the
-   * `Connection: close` marker.
+   * `Connection: close` marker. Each must be a signal name known to this
+   * platform that a handler can catch (not `SIGKILL` or `SIGSTOP`).
    * @default ['SIGTERM']
    */
   signals?: readonly NodeJS.Signals[];
@@ -62,14 +67,15 @@ export function serve<S extends DrainableServer>(server: S, options?: ServeOptio
 
 /**
  * Listens on the inherited descriptor (`LISTEN_FDS` >= 1) or on the fallback
- * port. Resolves with `server` once listening; rejects on a listen error.
+ * port. Resolves with `server` once listening; rejects on a listen error
+ * or when `server` is not a `net.Server`.
  */
 export function attach<S extends NetServer>(server: S, options?: AttachOptions): Promise<S>;
 
 /**
  * Sends `READY=1` over `$NOTIFY_SOCKET` (an AF_UNIX stream socket; `@name`
  * is an abstract address). Resolves at once when `NOTIFY_SOCKET` is unset or
- * empty; rejects when the socket cannot be reached.
+ * empty; rejects when the socket cannot be reached or the write fails.
  */
 export function notifyReady(): Promise<void>;
 

@@ -5,10 +5,12 @@
 //   SIGTERM                 stop accepting, finish what is in flight, exit 0
 //   DRAIN_GRACE_MS          how long a drain may take before connections are cut
 //
-// Zero dependencies. The helper only ever touches the server it is handed and
-// the process-wide draining flag; it patches nothing.
+// Zero dependencies. The helper only ever touches the server it is handed,
+// plus two process-wide things: the draining flag and the set of
+// signal-started drains still running. It patches nothing.
 
 import net from 'node:net';
+import os from 'node:os';
 
 const DEFAULT_FD = 3;
 const DEFAULT_GRACE_MS = 28000;
@@ -17,6 +19,17 @@ const DEFAULT_GRACE_MS = 28000;
 // default --backlog (the kernel caps both at net.core.somaxconn).
 const INHERITED_BACKLOG = 4096;
 const DEFAULT_SIGNALS = Object.freeze(['SIGTERM']);
+// setTimeout() takes a signed 32-bit delay and fires after 1 ms for anything
+// larger, so a longer grace period is capped here (about 24.8 days).
+const MAX_GRACE_MS = 2 ** 31 - 1;
+// Signals that cannot be caught: a handler for them could never run.
+const UNCATCHABLE = new Set(['SIGKILL', 'SIGSTOP']);
+// Node before libuv 1.48 connects to an abstract unix address padded with
+// NUL bytes to the whole 108-byte sun_path (libuv/libuv#4266).
+const PADS_ABSTRACT = (() => {
+  const [major, minor] = (process.versions.uv ?? '0.0').split('.').map(Number);
+  return major < 1 || (major === 1 && minor < 48);
+})();
 
 // Idle keep-alive connections are not cut the instant a drain starts: a
 // client that is about to reuse one would see a reset. For a short while they
@@ -30,9 +43,10 @@ const IDLE_SWEEP_MAX_MS = 500;
 let draining = false;
 
 // Per server: whether the Connection: close marker is installed, the
-// responses it saw in flight, whether the server is draining (and the drain's
-// promise), whether gracefulDrain() set up signal handlers for it and whether
-// one of them has fired.
+// responses it saw in flight, the sockets it accepted since (upgraded ones
+// included, which node:http stops tracking), whether the server is draining
+// (and the drain's promise), whether gracefulDrain() set up signal handlers
+// for it and whether one of them has fired.
 const states = new WeakMap();
 
 // Signal-initiated drains still running; the process exits when none is left.
@@ -41,7 +55,7 @@ const pendingExits = new Set();
 function stateOf(server) {
   let state = states.get(server);
   if (state === undefined) {
-    state = { marker: false, inflight: null, draining: false, drainPromise: null, graceful: false, exitPending: false };
+    state = { marker: false, inflight: null, sockets: null, draining: false, drainPromise: null, graceful: false, exitPending: false };
     states.set(server, state);
   }
   return state;
@@ -50,6 +64,17 @@ function stateOf(server) {
 function checkServer(server, fn) {
   if (!(server instanceof net.Server)) {
     throw new TypeError(`containerflip: ${fn}() expects a net.Server or http.Server, got ${describe(server)}`);
+  }
+}
+
+// The same check for the functions that return a promise: they reject
+// rather than throw, so `.catch()` and `await` see every error alike.
+function rejectUnlessServer(server, fn) {
+  try {
+    checkServer(server, fn);
+    return null;
+  } catch (err) {
+    return Promise.reject(err);
   }
 }
 
@@ -83,10 +108,10 @@ function resolveGraceMs(graceMs) {
     if (typeof graceMs !== 'number' || !Number.isFinite(graceMs) || graceMs < 0) {
       throw new TypeError(`containerflip: option graceMs must be a non-negative number of milliseconds, got ${describe(graceMs)}`);
     }
-    return graceMs;
+    return Math.min(graceMs, MAX_GRACE_MS);
   }
   const env = process.env.DRAIN_GRACE_MS;
-  if (env !== undefined && /^\s*\d+\s*$/.test(env)) return Number(env);
+  if (env !== undefined && /^\s*\d+\s*$/.test(env)) return Math.min(Number(env), MAX_GRACE_MS);
   return DEFAULT_GRACE_MS;
 }
 
@@ -94,6 +119,14 @@ function resolveSignals(signals) {
   if (signals === undefined) return DEFAULT_SIGNALS;
   if (!Array.isArray(signals) || !signals.every((s) => typeof s === 'string' && s.length > 0)) {
     throw new TypeError(`containerflip: option signals must be an array of signal names, got ${describe(signals)}`);
+  }
+  for (const s of signals) {
+    if (!Object.hasOwn(os.constants.signals, s)) {
+      throw new TypeError(`containerflip: option signals: ${s} is not a signal name (expected one like 'SIGTERM')`);
+    }
+    if (UNCATCHABLE.has(s)) {
+      throw new TypeError(`containerflip: option signals: ${s} cannot be caught, so it cannot start a drain`);
+    }
   }
   return signals;
 }
@@ -127,7 +160,8 @@ function resolvePort(port) {
  * Resolves with the server once it listens; rejects on any listen error.
  */
 export function attach(server, options = {}) {
-  checkServer(server, 'attach');
+  const bad = rejectUnlessServer(server, 'attach');
+  if (bad) return bad;
   const { fd = DEFAULT_FD, port } = options ?? {};
   return new Promise((resolve, reject) => {
     let target;
@@ -194,24 +228,34 @@ function notify(payload) {
   return new Promise((resolve, reject) => {
     const socket = net.createConnection({ path });
     let settled = false;
-    socket.once('error', (err) => {
+    const fail = (err) => {
       if (settled) return;
       settled = true;
       socket.destroy();
+      let hint = '';
+      if (err.code === 'EPROTOTYPE' || err.code === 'ECONNREFUSED') {
+        hint = ' (is the supervisor running with --notify-mode stream?)';
+        if (err.code === 'ECONNREFUSED' && address.startsWith('@') && PADS_ABSTRACT) {
+          hint = ` (this Node, libuv ${process.versions.uv}, pads abstract names to 108 bytes, ` +
+            'so only a receiver that binds the padded name can accept; use a path socket)';
+        }
+      }
       const wrapped = new Error(
-        `containerflip: cannot send ${payload.trim()} to NOTIFY_SOCKET=${address}: ${err.message}` +
-          (err.code === 'EPROTOTYPE' || err.code === 'ECONNREFUSED'
-            ? ' (is the supervisor running with --notify-mode stream?)'
-            : ''),
+        `containerflip: cannot send ${payload.trim()} to NOTIFY_SOCKET=${address}: ${err.message}${hint}`,
         { cause: err },
       );
       if (err.code) wrapped.code = err.code;
       reject(wrapped);
-    });
+    };
+    socket.on('error', fail);
     socket.once('connect', () => {
       // On a unix stream socket, a completed write already sits in the
       // peer's receive queue, so closing right after loses nothing.
-      socket.end(payload, () => {
+      socket.end(payload, (err) => {
+        if (err) {
+          fail(err);
+          return;
+        }
         if (settled) return;
         settled = true;
         socket.destroy();
@@ -228,6 +272,11 @@ function installMarker(server, state) {
   if (state.marker) return;
   state.marker = true;
   state.inflight = new Set();
+  state.sockets = new Set();
+  server.on('connection', (socket) => {
+    state.sockets.add(socket);
+    socket.once('close', () => state.sockets.delete(socket));
+  });
   server.prependListener('request', (req, res) => {
     if (state.draining) {
       if (!res.headersSent) res.setHeader('Connection', 'close');
@@ -245,7 +294,8 @@ function installMarker(server, state) {
  * rest). Idempotent per server.
  */
 export function drain(server, options = {}) {
-  checkServer(server, 'drain');
+  const bad = rejectUnlessServer(server, 'drain');
+  if (bad) return bad;
   const state = stateOf(server);
   if (state.drainPromise) return state.drainPromise;
   const opts = options ?? {};
@@ -302,6 +352,8 @@ export function drain(server, options = {}) {
         if (done) return;
         log(`grace period of ${graceMs}ms over: closing ${err ? 'all' : count} remaining connection(s)`);
         if (typeof server.closeAllConnections === 'function') server.closeAllConnections();
+        // Upgraded connections (WebSocket) left the http module's books.
+        for (const socket of state.sockets) socket.destroy();
         finish('grace period over');
       });
     }, graceMs);

@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
+import { spawn } from 'node:child_process';
 
 import { serve, attach, notifyReady, gracefulDrain, drain, isDraining, fdMode } from '@gigacodes/containerflip';
 import * as api from '@gigacodes/containerflip';
@@ -134,6 +135,56 @@ describe('notifyReady', () => {
     });
   });
 
+  test('rejects when the write fails, even though the connection was made', async (t) => {
+    const n = await notifyServer(t);
+    await withEnv({ NOTIFY_SOCKET: n.env }, async () => {
+      // connect(2) on a unix socket completes at once, into the listener's
+      // queue; closing the listener before the write resets that connection.
+      const sent = notifyReady();
+      n.server.close();
+      await assert.rejects(sent, (err) => {
+        assert.match(err.message, /cannot send READY=1 to NOTIFY_SOCKET=/);
+        assert.ok(['EPIPE', 'ECONNRESET'].includes(err.code), err.code);
+        return true;
+      });
+    });
+  });
+
+  test('an abstract address bound by a program other than Node: delivered, or a rejection that says why', async (t) => {
+    const name = `cf-node-py-${process.pid}`;
+    const receiver = spawn('python3', ['-c', `
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\\0${name}")
+s.listen(1)
+print("listening", flush=True)
+s.settimeout(120)
+try:
+    c, _ = s.accept()
+    print(c.recv(64).decode(), end="", flush=True)
+except socket.timeout:
+    pass
+`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    t.after(() => receiver.kill());
+    let out = '';
+    receiver.stdout.setEncoding('utf8');
+    const listening = new Promise((resolve, reject) => {
+      receiver.stdout.on('data', (d) => { out += d; if (out.includes('listening\n')) resolve(); });
+      receiver.once('error', reject);
+    });
+    await withDeadline(listening, 'python3 to bind the abstract name');
+    await withEnv({ NOTIFY_SOCKET: `@${name}` }, async () => {
+      const [major, minor] = process.versions.uv.split('.').map(Number);
+      if (major === 1 && minor < 48) {
+        await assert.rejects(notifyReady(), /pads abstract names to 108 bytes.*use a path socket/);
+      } else {
+        await notifyReady();
+        await withDeadline(once(receiver, 'exit'), 'the receiver to read READY=1');
+        assert.equal(out, 'listening\nREADY=1\n');
+      }
+    });
+  });
+
   test('rejects a NOTIFY_SOCKET that is not a unix socket address', async () => {
     await withEnv({ NOTIFY_SOCKET: 'relative/notify.sock' }, async () => {
       await assert.rejects(notifyReady(), /not a unix socket path/);
@@ -235,8 +286,11 @@ describe('attach', () => {
     });
   });
 
-  test('throws on something that is not a server', () => {
-    assert.throws(() => attach({}), TypeError);
+  test('rejects (never throws) on something that is not a server', async () => {
+    const got = attach({});
+    assert.ok(got instanceof Promise);
+    await assert.rejects(got, /attach\(\) expects a net.Server or http.Server, got an instance of Object/);
+    await assert.rejects(attach(null), /got null/);
   });
 });
 
@@ -307,6 +361,21 @@ describe('gracefulDrain', () => {
     assert.equal(server.listenerCount('request'), 1);
     assert.equal(process.listenerCount('SIGTERM'), before.term);
     assert.equal(process.listenerCount('SIGINT'), before.int);
+  });
+
+  test('a bad signal name is refused before anything is installed', () => {
+    const server = http.createServer();
+    const before = { term: process.listenerCount('SIGTERM'), foo: process.listenerCount('SIGFOO') };
+    assert.throws(() => gracefulDrain(server, { signals: ['SIGTERM', 'SIGFOO'] }), /SIGFOO is not a signal name/);
+    assert.throws(() => gracefulDrain(server, { signals: ['SIGTERM', 'SIGKILL'] }), /SIGKILL cannot be caught/);
+    assert.throws(() => gracefulDrain(server, { signals: ['SIGSTOP'] }), /SIGSTOP cannot be caught/);
+    assert.throws(() => gracefulDrain(server, { signals: ['sigterm'] }), /sigterm is not a signal name/);
+    assert.equal(server.listenerCount('request'), 0);
+    assert.equal(process.listenerCount('SIGTERM'), before.term);
+    assert.equal(process.listenerCount('SIGFOO'), before.foo);
+    // Nothing half-done is left behind: a good call afterwards installs.
+    gracefulDrain(server, { signals: [] });
+    assert.equal(server.listenerCount('request'), 1);
   });
 
   test('is idempotent per server', () => {
@@ -430,6 +499,54 @@ describe('drain', () => {
     assert.equal(isDraining(), true);
   });
 
+  test('at the grace deadline an upgraded connection (WebSocket) is cut too', async (t) => {
+    const server = http.createServer();
+    server.on('upgrade', (req, socket) => {
+      socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: test\r\nConnection: Upgrade\r\n\r\n');
+      socket.on('data', () => {}); // the application keeps it open for good
+    });
+    gracefulDrain(server, { signals: [] });
+    await withEnv(STANDALONE, () => attach(server));
+    const client = net.connect(server.address().port, '127.0.0.1');
+    t.after(() => client.destroy());
+    const clientClosed = once(client, 'close');
+    client.on('error', () => {});
+    client.write('GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: test\r\nConnection: Upgrade\r\n\r\n');
+    let head = '';
+    client.setEncoding('utf8');
+    await withDeadline(new Promise((resolve) => client.on('data', (d) => { head += d; if (head.includes('\r\n\r\n')) resolve(); })), 'the 101 answer');
+    assert.match(head, /^HTTP\/1.1 101 /);
+    const { lines, log } = collectLog();
+    await withDeadline(drain(server, { graceMs: 50, log }), 'the forced end of the drain');
+    await withDeadline(clientClosed, 'the upgraded connection to be cut');
+    assert.ok(lines.some((l) => /grace period of 50ms over: closing 1 remaining/.test(l)), lines.join('\n'));
+  });
+
+  test('a grace period beyond what a timer can hold is capped, not turned into 1 ms', async (t) => {
+    for (const [opts, env] of [[{ graceMs: 2 ** 31 + 10 }, undefined], [{}, '99999999999']]) {
+      const server = http.createServer(() => { /* never answers */ });
+      await withEnv(STANDALONE, () => attach(server));
+      const client = net.connect(server.address().port, '127.0.0.1');
+      client.on('error', () => {});
+      client.write('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
+      await withDeadline(once(server, 'request'), 'the request to arrive');
+      const { lines, log } = collectLog();
+      let settled = false;
+      // Wrapped so withEnv does not wait for the drain itself.
+      const { drained } = await withEnv({ DRAIN_GRACE_MS: env }, () => ({ drained: drain(server, { ...opts, log }) }));
+      drained.then(() => { settled = true; });
+      // Node runs an overflowed delay as 1 ms; timers fire in deadline order,
+      // so by the time this 20 ms one runs, that one would have.
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      assert.equal(settled, false, lines.join('\n'));
+      assert.ok(lines.some((l) => /grace 2147483647ms/.test(l)), lines.join('\n'));
+      assert.ok(!lines.some((l) => /over/.test(l)), lines.join('\n'));
+      client.destroy();
+      await withDeadline(drained, 'the drain to end once the client hung up');
+      assert.ok(lines.some((l) => /\(idle\)/.test(l)), lines.join('\n'));
+    }
+  });
+
   test('$DRAIN_GRACE_MS sets the deadline when graceMs is not given', async () => {
     const server = http.createServer(() => {});
     await withEnv(STANDALONE, () => attach(server));
@@ -460,6 +577,7 @@ describe('drain', () => {
 
   test('rejects bad options', async () => {
     await assert.rejects(drain(http.createServer(), { graceMs: Number.NaN }), TypeError);
-    assert.throws(() => drain(42), TypeError);
+    await assert.rejects(drain(42), /drain\(\) expects a net.Server or http.Server, got number 42/);
+    await assert.rejects(drain(undefined), /got undefined/);
   });
 });
