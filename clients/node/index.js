@@ -67,17 +67,6 @@ function checkServer(server, fn) {
   }
 }
 
-// The same check for the functions that return a promise: they reject
-// rather than throw, so `.catch()` and `await` see every error alike.
-function rejectUnlessServer(server, fn) {
-  try {
-    checkServer(server, fn);
-    return null;
-  } catch (err) {
-    return Promise.reject(err);
-  }
-}
-
 function describe(value) {
   if (value === null) return 'null';
   if (typeof value === 'object') return value.constructor ? `an instance of ${value.constructor.name}` : 'an object';
@@ -160,10 +149,11 @@ function resolvePort(port) {
  * Resolves with the server once it listens; rejects on any listen error.
  */
 export function attach(server, options = {}) {
-  const bad = rejectUnlessServer(server, 'attach');
-  if (bad) return bad;
   const { fd = DEFAULT_FD, port } = options ?? {};
   return new Promise((resolve, reject) => {
+    // Thrown inside the executor, so it rejects: functions that return a
+    // promise never throw, and `.catch()` and `await` see every error alike.
+    checkServer(server, 'attach');
     let target;
     if (fdMode()) {
       if (!Number.isInteger(fd) || fd < 0) {
@@ -294,14 +284,14 @@ function installMarker(server, state) {
  * rest). Idempotent per server.
  */
 export function drain(server, options = {}) {
-  const bad = rejectUnlessServer(server, 'drain');
-  if (bad) return bad;
-  const state = stateOf(server);
-  if (state.drainPromise) return state.drainPromise;
-  const opts = options ?? {};
+  let state;
   let graceMs;
   let log;
   try {
+    checkServer(server, 'drain');
+    state = stateOf(server);
+    if (state.drainPromise) return state.drainPromise;
+    const opts = options ?? {};
     graceMs = resolveGraceMs(opts.graceMs);
     log = makeLogger(opts.log);
   } catch (err) {
