@@ -32,6 +32,11 @@ pub const MAX_MESSAGE: usize = 4096;
 pub const STREAM_IDLE: Duration = Duration::from_secs(5);
 /// Open stream connections per generation.
 pub const MAX_STREAMS: usize = 16;
+/// Ignored keys reported per message; the rest are dropped unreported.
+pub const MAX_IGNORED: usize = 16;
+/// Datagrams read per poll wakeup, so that a worker flooding its notify
+/// socket cannot starve signals, the control socket or other generations.
+pub const DATAGRAMS_PER_WAKEUP: usize = 32;
 /// How long to stop accepting after running out of descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 
@@ -60,6 +65,9 @@ pub enum Event {
 
 /// Parse one datagram or one stream line batch. A chunk with NUL bytes or
 /// invalid UTF-8 is dropped whole; a line without `=` is dropped alone.
+/// However many lines a chunk holds, it yields at most one
+/// [`Event::Malformed`] and [`MAX_IGNORED`] ignored keys: a flood costs
+/// the supervisor CPU, never memory.
 pub fn parse(chunk: &[u8], out: &mut Vec<Event>) {
     if chunk.contains(&0) {
         out.push(Event::Malformed("message contains a NUL byte".into()));
@@ -69,9 +77,13 @@ pub fn parse(chunk: &[u8], out: &mut Vec<Event>) {
         out.push(Event::Malformed("message is not valid UTF-8".into()));
         return;
     };
+    let mut first_bad: Option<String> = None;
+    let mut bad = 0usize;
+    let mut ignored = 0usize;
     for line in text.split('\n').filter(|l| !l.is_empty()) {
         let Some((key, value)) = line.split_once('=') else {
-            out.push(Event::Malformed(format!("line without '=': {:.40}", line)));
+            bad += 1;
+            first_bad.get_or_insert_with(|| format!("line without '=': {:.40}", line));
             continue;
         };
         let msg = match key {
@@ -82,22 +94,34 @@ pub fn parse(chunk: &[u8], out: &mut Vec<Event>) {
                 // Capped so that `now + n µs` cannot overflow.
                 Ok(n) => Message::ExtendTimeout(n.min(crate::cli::MAX_DURATION.as_micros() as u64)),
                 Err(_) => {
-                    out.push(Event::Malformed(format!(
-                        "bad EXTEND_TIMEOUT_USEC={value:.20}"
-                    )));
+                    bad += 1;
+                    first_bad.get_or_insert_with(|| format!("bad EXTEND_TIMEOUT_USEC={value:.20}"));
                     continue;
                 }
             },
             "ERRNO" => match value.parse() {
                 Ok(n) => Message::Errno(n),
                 Err(_) => {
-                    out.push(Event::Malformed(format!("bad ERRNO={value:.20}")));
+                    bad += 1;
+                    first_bad.get_or_insert_with(|| format!("bad ERRNO={value:.20}"));
                     continue;
                 }
             },
-            _ => Message::Ignored(format!("{:.40}", line)),
+            _ => {
+                ignored += 1;
+                if ignored > MAX_IGNORED {
+                    continue;
+                }
+                Message::Ignored(format!("{:.40}", line))
+            }
         };
         out.push(Event::Message(msg));
+    }
+    if let Some(mut why) = first_bad {
+        if bad > 1 {
+            why.push_str(&format!(" (and {} more bad line(s))", bad - 1));
+        }
+        out.push(Event::Malformed(why));
     }
 }
 
@@ -189,10 +213,12 @@ impl NotifySocket {
     }
 
     /// `fd` became readable (the socket or one of its connections).
-    pub fn on_readable(&mut self, fd: RawFd, now: Instant, out: &mut Vec<Event>) {
+    /// Reads at most one datagram, so that the caller can act on its
+    /// events before reading the next; true when another may be waiting.
+    pub fn on_readable(&mut self, fd: RawFd, now: Instant, out: &mut Vec<Event>) -> bool {
         if fd == self.fd.as_raw_fd() {
             match self.mode {
-                NotifyMode::Dgram => self.receive_datagrams(out),
+                NotifyMode::Dgram => return self.receive_datagram(out),
                 NotifyMode::Stream => self.accept_streams(now, out),
             }
         } else if let Some(i) = self.streams.iter().position(|s| s.fd.as_raw_fd() == fd)
@@ -200,6 +226,7 @@ impl NotifySocket {
         {
             self.streams.swap_remove(i);
         }
+        false
     }
 
     /// Close stream connections silent past their deadline.
@@ -218,7 +245,8 @@ impl NotifySocket {
         }
     }
 
-    fn receive_datagrams(&mut self, out: &mut Vec<Event>) {
+    /// Read one datagram; false when there was none.
+    fn receive_datagram(&mut self, out: &mut Vec<Event>) -> bool {
         let mut buf = [0u8; MAX_MESSAGE];
         let mut space =
             [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(16), ScmCredentials(1))];
@@ -233,7 +261,7 @@ impl NotifySocket {
             let msg = match got {
                 Ok(m) => m,
                 Err(Errno::INTR) => continue,
-                Err(_) => return, // EAGAIN: drained
+                Err(_) => return false, // EAGAIN: drained
             };
             let mut uid = None;
             for c in control.drain() {
@@ -244,23 +272,20 @@ impl NotifySocket {
             }
             match uid {
                 Some(u) if uid_allowed(u) => {}
-                Some(u) => {
-                    out.push(Event::Denied(u));
-                    continue;
-                }
-                None => {
-                    out.push(Event::Malformed("datagram without credentials".into()));
-                    continue;
+                Some(u) => out.push(Event::Denied(u)),
+                None => out.push(Event::Malformed("datagram without credentials".into())),
+            }
+            if uid.is_some_and(uid_allowed) {
+                if msg.bytes > MAX_MESSAGE {
+                    out.push(Event::Malformed(format!(
+                        "datagram of {} bytes (limit {MAX_MESSAGE})",
+                        msg.bytes
+                    )));
+                } else {
+                    parse(&buf[..msg.bytes], out);
                 }
             }
-            if msg.bytes > MAX_MESSAGE {
-                out.push(Event::Malformed(format!(
-                    "datagram of {} bytes (limit {MAX_MESSAGE})",
-                    msg.bytes
-                )));
-                continue;
-            }
-            parse(&buf[..msg.bytes], out);
+            return true;
         }
     }
 
@@ -376,7 +401,21 @@ mod tests {
         assert!(matches!(parsed(b"\xffREADY=1")[..], [Event::Malformed(_)]));
         assert!(matches!(
             parsed(b"garbage\nREADY=1")[..],
-            [Event::Malformed(_), Event::Message(Message::Ready)]
+            [Event::Message(Message::Ready), Event::Malformed(_)]
         ));
+    }
+
+    #[test]
+    fn a_flood_of_lines_makes_few_events() {
+        let junk = b"a\n".repeat(MAX_MESSAGE / 2);
+        assert_eq!(
+            parsed(&junk),
+            [Event::Malformed(format!(
+                "line without '=': a (and {} more bad line(s))",
+                MAX_MESSAGE / 2 - 1
+            ))]
+        );
+        let keys = b"X=1\n".repeat(MAX_MESSAGE / 4);
+        assert_eq!(parsed(&keys).len(), MAX_IGNORED);
     }
 }

@@ -34,7 +34,7 @@ use crate::cli::{OnCrash, RunConfig, format_duration};
 use crate::control::{self, ClientId, Control, Request};
 use crate::generation::{Exit, Generation, State};
 use crate::listen::Listener;
-use crate::notify::{Event, Message, NotifySocket};
+use crate::notify::{self, Event, Message, NotifySocket};
 use crate::rundir::RunDir;
 use crate::signals::{self, Signals};
 use crate::spawn;
@@ -755,13 +755,23 @@ impl Supervisor {
 
     // ---- notify --------------------------------------------------------
 
+    /// Act on each datagram before reading the next, and return to poll
+    /// after a bounded number: level-triggered poll brings us back, and a
+    /// worker flooding its socket neither grows our memory nor starves
+    /// signals and the control socket (SPEC §4).
     fn on_notify(&mut self, n: u64, fd: RawFd, now: Instant) {
         let mut events = Vec::new();
-        if let Some(ns) = self.gen_mut(n).and_then(|g| g.notify.as_mut()) {
-            ns.on_readable(fd, now, &mut events);
-        }
-        for e in events {
-            self.on_notify_event(n, e, now);
+        for _ in 0..notify::DATAGRAMS_PER_WAKEUP {
+            let more = match self.gen_mut(n).and_then(|g| g.notify.as_mut()) {
+                Some(ns) => ns.on_readable(fd, now, &mut events),
+                None => false,
+            };
+            for e in events.drain(..) {
+                self.on_notify_event(n, e, now);
+            }
+            if !more {
+                break;
+            }
         }
     }
 
