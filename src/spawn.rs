@@ -11,7 +11,7 @@
 //! process-group, death-signal and fd set-up we need.
 
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
@@ -19,9 +19,6 @@ use rustix::pipe::{PipeFlags, pipe_with};
 use rustix::process::{Pid, PidfdFlags, pidfd_open};
 
 use crate::sys;
-
-/// Width reserved for the pid digits (u32 max has 10; 20 is generous).
-const PID_DIGITS: usize = 20;
 
 /// Environment keys addressed to the supervisor that a worker must not
 /// see as its own (a worker gets fresh `LISTEN_*` and `NOTIFY_SOCKET`).
@@ -140,13 +137,15 @@ pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
 
     let program = &req.command[0];
     let path = resolve(program, &env, req.chdir);
-    let path = cstring(path.as_os_str().as_bytes().to_vec())?;
+    let path = path
+        .map(|p| cstring(p.as_os_str().as_bytes().to_vec()))
+        .transpose()?;
     let argv: Vec<CString> = req
         .command
         .iter()
         .map(|a| cstring(a.as_bytes().to_vec()))
         .collect::<Result<_, _>>()?;
-    let mut envs: Vec<CString> = env
+    let envs: Vec<CString> = env
         .into_iter()
         .map(|(k, v)| {
             let mut kv = k.into_vec();
@@ -155,39 +154,26 @@ pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
             cstring(kv)
         })
         .collect::<Result<_, _>>()?;
-    // LISTEN_PID=<digits>: the child writes its own pid into this buffer.
-    let mut slot = b"LISTEN_PID=".to_vec();
-    let offset = slot.len();
-    slot.resize(offset + PID_DIGITS + 1, 0);
     let chdir = req
         .chdir
         .map(|d| cstring(d.as_os_str().as_bytes().to_vec()))
         .transpose()?;
 
-    let argv_ptrs: Vec<*const libc::c_char> = argv
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-    let mut envp: Vec<*const libc::c_char> = envs.iter_mut().map(|e| e.as_ptr()).collect();
-    envp.push(slot.as_ptr().cast());
-    envp.push(std::ptr::null());
-
     let (err_read, err_write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
         .map_err(|e| format!("unable to create a pipe: {e}"))?;
-    let plan = sys::ChildPlan {
-        path: &path,
-        argv: &argv_ptrs,
-        envp: &envp,
-        listen_pid_slot: slot.as_mut_ptr(),
-        listen_pid_offset: offset,
-        chdir: chdir.as_deref(),
-        listen_fds: req.listen_fds as i32,
-        death_signal: req.death_signal,
-        parent_pid: rustix::process::getpid().as_raw_nonzero().get(),
-        error_pipe: err_write.as_raw_fd(),
-    };
-    let pid = sys::fork_exec(&plan).map_err(|e| format!("unable to fork: {e}"))?;
+    // LISTEN_PID=<digits> is added by the plan: the child writes its own
+    // pid into it.
+    let mut plan = sys::ChildPlan::new(
+        path.as_deref(),
+        &argv,
+        &envs,
+        chdir.as_deref(),
+        req.listen_fds,
+        req.death_signal,
+        err_write.as_fd(),
+    );
+    let pid = sys::fork_exec(&mut plan).map_err(|e| format!("unable to fork: {e}"))?;
+    drop(plan);
     drop(err_write);
     // Open the pidfd before anything can reap the child: only our own
     // waitpid loop reaps, and it has not run since the fork.
@@ -221,10 +207,12 @@ fn set(env: &mut Vec<(OsString, OsString)>, key: OsString, value: OsString) {
 }
 
 /// `PATH` lookup done before fork (execvp is not async-signal-safe).
-/// A name with a `/` is used as given, relative to the worker's cwd.
-fn resolve(program: &OsStr, env: &[(OsString, OsString)], chdir: Option<&Path>) -> PathBuf {
+/// A name with a `/` is used as given, relative to the worker's cwd; a
+/// name found nowhere in PATH is None (never a file of that name in the
+/// current directory).
+fn resolve(program: &OsStr, env: &[(OsString, OsString)], chdir: Option<&Path>) -> Option<PathBuf> {
     if program.as_bytes().contains(&b'/') {
-        return PathBuf::from(program);
+        return Some(PathBuf::from(program));
     }
     let path = env
         .iter()
@@ -239,11 +227,10 @@ fn resolve(program: &OsStr, env: &[(OsString, OsString)], chdir: Option<&Path>) 
         let candidate = dir.join(program);
         let executable = rustix::fs::access(&candidate, rustix::fs::Access::EXEC_OK).is_ok();
         if executable && candidate.is_file() {
-            return candidate;
+            return Some(candidate);
         }
     }
-    // Not found: execve reports ENOENT and the child exits 127.
-    PathBuf::from(program)
+    None
 }
 
 /// `KEY=VALUE` lines; blank lines and `#` comments skipped; a value in

@@ -8,9 +8,10 @@
 //! memory prepared before the fork, never allocates, and ends in `execve`
 //! or `_exit`.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Signals that stay unblocked: the synchronous faults, which the kernel
 /// delivers to the faulting thread and which must keep killing us.
@@ -95,9 +96,14 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
 /// `dup3(2)` with `O_CLOEXEC`: make `target` a close-on-exec duplicate of
 /// `fd`, closing what was at `target`. Used to park listening sockets at
 /// 3, 4, … so a worker gets them at the numbers `LISTEN_FDS` promises.
+///
+/// Whatever is at `target` is closed behind any owner's back, so this is
+/// for start-up only, before the supervisor opens anything of its own
+/// (`listen::park`): what sits at 3… then is inherited and unowned. It
+/// stays a safe fn so that `unsafe` stays inside this module.
 pub fn dup_to(fd: RawFd, target: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: dup3 takes plain integers; on success `target` is a new fd
-    // that nothing else in the process owns (whatever was there is closed).
+    // that nothing else owns (see above: only start-up calls this).
     unsafe {
         cvt(libc::dup3(fd, target, libc::O_CLOEXEC))?;
         Ok(OwnedFd::from_raw_fd(target))
@@ -196,36 +202,84 @@ pub fn set_child_subreaper() -> io::Result<()> {
 }
 
 /// Everything the child needs, prepared before `fork` so that the child
-/// only reads memory and makes system calls.
+/// allocates nothing: the argv and envp pointer arrays and the
+/// `LISTEN_PID=` slot it fills in with its own pid. The borrowed strings
+/// outlive the plan, which makes [`fork_exec`] safe to call.
 pub struct ChildPlan<'a> {
-    /// Absolute or cwd-relative path handed to `execve`.
-    pub path: &'a CStr,
-    /// NULL-terminated argv.
-    pub argv: &'a [*const libc::c_char],
-    /// NULL-terminated envp; one entry points into `listen_pid_slot`.
-    pub envp: &'a [*const libc::c_char],
-    /// `LISTEN_PID=` followed by room for digits and a NUL; the child
-    /// writes its own pid there (see [`write_pid`]).
-    pub listen_pid_slot: *mut u8,
-    /// Offset of the first digit in `listen_pid_slot`.
-    pub listen_pid_offset: usize,
-    /// Working directory, if any.
-    pub chdir: Option<&'a CStr>,
+    /// Path handed to `execve`: absolute, or relative to the worker's
+    /// directory when the command had a `/`. None when a PATH search
+    /// found nothing: the child reports ENOENT and exits 127, as a shell
+    /// does, rather than run a file of that name from its directory.
+    path: Option<&'a CStr>,
+    /// NULL-terminated; points into the caller's argv.
+    argv: Vec<*const libc::c_char>,
+    /// NULL-terminated; points into the caller's env and `listen_pid`.
+    envp: Vec<*const libc::c_char>,
+    /// `LISTEN_PID=` and room for 20 digits and a NUL (heap memory: its
+    /// address, stored in `envp`, does not change when the plan moves).
+    listen_pid: Box<[u8; LISTEN_PID_LEN]>,
+    chdir: Option<&'a CStr>,
     /// Number of listening sockets parked at fd 3, 4, …
-    pub listen_fds: i32,
+    listen_fds: i32,
     /// Parent-death signal.
-    pub death_signal: i32,
+    death_signal: i32,
     /// The supervisor's pid, to notice it died before PR_SET_PDEATHSIG.
-    pub parent_pid: i32,
-    /// Write end of the CLOEXEC pipe that reports an exec failure.
-    pub error_pipe: RawFd,
+    parent_pid: i32,
+    /// Write end of the CLOEXEC pipe that reports a failure before exec.
+    error_pipe: BorrowedFd<'a>,
+    _strings: PhantomData<&'a CStr>,
+}
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+const LISTEN_PID_LEN: usize = LISTEN_PID_PREFIX.len() + 21;
+
+impl<'a> ChildPlan<'a> {
+    /// A plan to exec `path` with `argv` and `env` (each `KEY=VALUE`;
+    /// `LISTEN_PID` is added), in `chdir`, with the sockets at 3…3+n.
+    pub fn new(
+        path: Option<&'a CStr>,
+        argv: &'a [CString],
+        env: &'a [CString],
+        chdir: Option<&'a CStr>,
+        listen_fds: usize,
+        death_signal: i32,
+        error_pipe: BorrowedFd<'a>,
+    ) -> ChildPlan<'a> {
+        let mut listen_pid = Box::new([0u8; LISTEN_PID_LEN]);
+        listen_pid[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
+        let slot: *const libc::c_char = listen_pid.as_mut_ptr().cast_const().cast();
+        let argv = argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let envp = env
+            .iter()
+            .map(|e| e.as_ptr())
+            .chain([slot, std::ptr::null()])
+            .collect();
+        ChildPlan {
+            path,
+            argv,
+            envp,
+            listen_pid,
+            chdir,
+            listen_fds: listen_fds as i32,
+            death_signal,
+            // SAFETY: getpid takes nothing and cannot fail.
+            parent_pid: unsafe { libc::getpid() },
+            error_pipe,
+            _strings: PhantomData,
+        }
+    }
 }
 
 /// `fork(2)`. In the child, set the worker up and exec it; never returns
 /// there. In the parent, return the child's pid.
-pub fn fork_exec(plan: &ChildPlan<'_>) -> io::Result<i32> {
-    // SAFETY: fork is safe to call; the child branch only runs
-    // `exec_child`, which is async-signal-safe and never returns.
+pub fn fork_exec(plan: &mut ChildPlan<'_>) -> io::Result<i32> {
+    // SAFETY: the child branch only runs `exec_child`, which is
+    // async-signal-safe, touches only the plan (valid by construction),
+    // and never returns.
     let pid = cvt(unsafe { libc::fork() })?;
     if pid == 0 {
         exec_child(plan);
@@ -235,7 +289,8 @@ pub fn fork_exec(plan: &ChildPlan<'_>) -> io::Result<i32> {
 
 /// The child side of [`fork_exec`]. Only async-signal-safe calls, no
 /// allocation, no locks; ends in `execve` or `_exit`.
-fn exec_child(plan: &ChildPlan<'_>) -> ! {
+fn exec_child(plan: &mut ChildPlan<'_>) -> ! {
+    let error_pipe = plan.error_pipe.as_raw_fd();
     // SAFETY: every call below is an async-signal-safe system call on
     // memory prepared by the parent before fork (which this child owns a
     // private copy of); nothing allocates or takes a lock.
@@ -244,7 +299,7 @@ fn exec_child(plan: &ChildPlan<'_>) -> ! {
         // can SIGKILL everything it forked and no signal sent to the
         // supervisor's group (a terminal's ^C) reaches the worker later.
         if libc::setpgid(0, 0) == -1 {
-            fail(plan.error_pipe, Stage::Setpgid, 1);
+            fail(error_pipe, Stage::Setpgid, 1);
         }
         // Then default dispositions, while every signal is still blocked:
         // Rust ignores SIGPIPE and an ignored disposition survives exec.
@@ -272,23 +327,23 @@ fn exec_child(plan: &ChildPlan<'_>) -> ! {
         // Die with the supervisor, and close the race where it died before
         // the prctl: then our parent is no longer the supervisor.
         if libc::prctl(libc::PR_SET_PDEATHSIG, plan.death_signal as libc::c_ulong) == -1 {
-            fail(plan.error_pipe, Stage::DeathSignal, 1);
+            fail(error_pipe, Stage::DeathSignal, 1);
         }
         if libc::getppid() != plan.parent_pid {
             libc::_exit(1);
         }
         write_pid(
-            plan.listen_pid_slot.add(plan.listen_pid_offset),
+            plan.listen_pid.as_mut_ptr().add(LISTEN_PID_PREFIX.len()),
             libc::getpid(),
         );
         if let Some(dir) = plan.chdir
             && libc::chdir(dir.as_ptr()) == -1
         {
-            fail(plan.error_pipe, Stage::Chdir, 1);
+            fail(error_pipe, Stage::Chdir, 1);
         }
         for fd in 3..3 + plan.listen_fds {
             if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                fail(plan.error_pipe, Stage::ListenFds, 1);
+                fail(error_pipe, Stage::ListenFds, 1);
             }
         }
         // Anything beyond the listeners closes at exec, whoever opened it.
@@ -302,12 +357,17 @@ fn exec_child(plan: &ChildPlan<'_>) -> ! {
         );
         let empty = SigSet::empty();
         libc::sigprocmask(libc::SIG_SETMASK, &empty.0, std::ptr::null_mut());
-        libc::execve(plan.path.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+        match plan.path {
+            Some(path) => {
+                libc::execve(path.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+            }
+            None => *libc::__errno_location() = libc::ENOENT,
+        }
         let code = match *libc::__errno_location() {
             libc::EACCES | libc::ENOEXEC | libc::EISDIR => 126,
             _ => 127,
         };
-        fail(plan.error_pipe, Stage::Exec, code);
+        fail(error_pipe, Stage::Exec, code);
     }
 }
 
@@ -349,7 +409,11 @@ impl Stage {
 }
 
 /// Report the stage and errno through the error pipe (5 bytes: stage,
-/// then errno in native byte order) and `_exit(code)`. Child side only.
+/// then errno in native byte order) and `_exit(code)`.
+///
+/// # Safety
+///
+/// Only in a child between fork and exec: it ends the process.
 unsafe fn fail(pipe: RawFd, stage: Stage, code: i32) -> ! {
     // SAFETY: errno location, write and _exit are async-signal-safe; the
     // buffer lives on this stack frame.
@@ -362,7 +426,11 @@ unsafe fn fail(pipe: RawFd, stage: Stage, code: i32) -> ! {
 }
 
 /// Write `pid` in decimal followed by NUL at `at`. Child side only: no
-/// allocation, no formatting machinery. The slot has room for 20 digits.
+/// allocation, no formatting machinery.
+///
+/// # Safety
+///
+/// `at` must point to 21 writable bytes (20 digits and the NUL).
 unsafe fn write_pid(at: *mut u8, pid: i32) {
     let mut digits = [0u8; 20];
     let mut n = pid as u32;

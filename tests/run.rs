@@ -7,6 +7,7 @@ use std::fs;
 use std::io::{BufReader, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::Command;
@@ -1291,7 +1292,18 @@ fn a_worker_that_cannot_start_is_named_with_the_reason() {
     let plain = dir.join("not-executable");
     write_file(&plain, "#!/bin/sh\n");
     let missing_dir = dir.join("missing");
+    // A name that is in no PATH directory but is an executable in the
+    // worker's directory: a shell says "not found" (127), and so do we,
+    // rather than run ./cf-lookalike.
+    let lookalike = dir.join("cf-lookalike");
+    write_file(&lookalike, "#!/bin/sh\nexit 0\n");
+    fs::set_permissions(&lookalike, fs::Permissions::from_mode(0o755)).unwrap();
     let cases = [
+        (
+            vec!["--chdir", dir.str(), "--", "cf-lookalike"],
+            127,
+            "unable to execute cf-lookalike: No such file or directory".to_string(),
+        ),
         (
             vec!["--", "/nonexistent/prog"],
             127,
