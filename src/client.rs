@@ -151,6 +151,30 @@ fn exchange_with(
             ),
         )
     })?;
+    // Whoever listens at a shared path (the /tmp fallback) must be root
+    // or us before it hears our request or we believe its answer.
+    let me = rustix::process::geteuid().as_raw();
+    match crate::sys::peer_cred(stream.as_fd()) {
+        Ok((_, uid)) if uid == 0 || uid == me || me == 0 => {}
+        Ok((_, uid)) => {
+            return Err((
+                NO_SUPERVISOR,
+                format!(
+                    "refusing to talk to {shown}: what listens there runs as uid {uid}, \
+                     neither root nor uid {me}"
+                ),
+            ));
+        }
+        Err(e) => {
+            return Err((
+                NO_SUPERVISOR,
+                format!(
+                    "no supervisor answers at {shown}: unable to read its credentials: {}",
+                    crate::error::os_message(&e)
+                ),
+            ));
+        }
+    }
     let lost = |e: std::io::Error| {
         (
             1,

@@ -21,9 +21,9 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 
 use crate::common::{
-    Bg, DEADLINE, HOLD_SCRIPT, Out, Supervisor, TempDir, as_nobody, bin, client_cmd, client_cmd_at,
-    control, get, is_root, kill, mkfifo, release, run_client, skipped, start_record, stat_field,
-    worker, write_file,
+    Bg, DEADLINE, HOLD_SCRIPT, Out, Supervisor, TempDir, as_nobody, as_uid, bin, client_cmd,
+    client_cmd_at, control, get, is_root, kill, mkfifo, release, run_client, skipped, start_record,
+    stat_field, worker, write_file,
 };
 use crate::common::{notify_socket, send_dgram};
 
@@ -1208,6 +1208,66 @@ fn a_client_command_as_another_uid_is_refused() {
     });
     assert_healthy(&dir, addr, 1);
     assert_eq!(sup.count(" spawned"), 1, "{:?}", sup.lines());
+}
+
+/// The other direction: a client refuses a "supervisor" run by another
+/// user (someone squatting the /tmp fallback path), before sending it
+/// anything and without believing its answer. The impostor listens as uid
+/// 1000; the client runs as 65534 (setpriv).
+#[test]
+fn a_client_refuses_a_control_socket_owned_by_another_uid() {
+    if !is_root() {
+        skipped(
+            "a_client_refuses_a_control_socket_owned_by_another_uid",
+            "needs root to act as two other uids",
+        );
+        return;
+    }
+    const IMPOSTOR: u32 = 1000;
+    let dir = TempDir::new("ctl-impostor");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let ctl = dir.join("impostor.sock");
+    let listener = as_uid(IMPOSTOR, || {
+        let l = std::os::unix::net::UnixListener::bind(&ctl).expect("bind as uid 1000");
+        std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o777)).unwrap();
+        l
+    });
+    let impostor = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let _ = conn.write_all(b"ok all is well\n");
+        let mut heard = Vec::new();
+        let _ = conn.read_to_end(&mut heard);
+        heard
+    });
+    let out = run_client({
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            bin(),
+            "deploy",
+        ])
+        .arg("--control")
+        .arg(&ctl)
+        .env_remove("CONTAINERFLIP_CONTROL");
+        cmd
+    });
+    assert_eq!(out.code(), 3, "{out:?}");
+    assert_eq!(out.stdout, "", "the impostor's answer is not believed");
+    assert_eq!(
+        out.stderr,
+        format!(
+            "containerflip: refusing to talk to {}: what listens there runs as uid {IMPOSTOR}, \
+             neither root nor uid 65534\n",
+            ctl.display()
+        )
+    );
+    assert_eq!(
+        impostor.join().unwrap(),
+        b"",
+        "the request was not sent to the impostor"
+    );
 }
 
 // ---------------------------------------------------------------------------

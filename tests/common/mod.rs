@@ -1137,6 +1137,11 @@ pub fn is_root() -> bool {
 /// change the calling thread's credentials only, and the thread ends
 /// with `f`, so the rest of the test binary stays root.
 pub fn as_nobody<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    as_uid(NOBODY, f)
+}
+
+/// `as_nobody` with another uid (and the same gid).
+pub fn as_uid<T: Send>(uid: u32, f: impl FnOnce() -> T + Send) -> T {
     thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -1147,14 +1152,8 @@ pub fn as_nobody<T: Send>(f: impl FnOnce() -> T + Send) -> T {
                         libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
                         0
                     );
-                    assert_eq!(
-                        libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
-                        0
-                    );
-                    assert_eq!(
-                        libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
-                        0
-                    );
+                    assert_eq!(libc::syscall(libc::SYS_setresgid, uid, uid, uid), 0);
+                    assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
                 }
                 f()
             })
