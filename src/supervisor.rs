@@ -999,6 +999,11 @@ impl Supervisor {
             );
             g.signal_group(sig);
             g.deadline = Some(now + grace);
+            // What is left drains: a stop or a deploy that follows does
+            // not signal it again or move its deadline.
+            if g.state == State::Ready {
+                g.state = State::Draining;
+            }
         }
     }
 

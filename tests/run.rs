@@ -894,6 +894,49 @@ fn a_grandchild_in_the_group_gets_the_stop_signal_once() {
     assert_eq!(sup.count("left behind by a worker"), 0, "{:?}", sup.lines());
 }
 
+/// A crashed generation's leftover process got the stop signal when the
+/// worker died; a stop that follows must not signal it again nor push
+/// its SIGKILL deadline back.
+#[test]
+fn a_crashed_generations_leftover_is_not_signalled_again_at_stop() {
+    let dir = TempDir::new("leftover");
+    let env_file = dir.join("env");
+    write_file(&env_file, "WORKER_IGNORE_TERM=1\nWORKER_SPAWN=sleeper\n");
+    let mut sup = Supervisor::start(
+        &dir,
+        &worker_args(&[
+            "--drain-timeout",
+            "10m",
+            "--env-file",
+            env_file.to_str().unwrap(),
+        ]),
+        &[],
+    );
+    let p1 = sup.wait_ready(1);
+    let g1 = grandchild(&sup.records, p1);
+    write_file(&env_file, "");
+    kill(p1 as i32, libc::SIGKILL);
+    sup.wait_line(&format!("gen 1 pid {p1} left processes in its group"));
+    wait_event(&sup.records, g1, "signal 15");
+    sup.wait_ready(2);
+    sup.signal(libc::SIGTERM);
+    sup.wait_gen(2, "exited with status 0");
+    let lines = sup.lines();
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.starts_with(&format!("containerflip: gen 1 pid {p1} draining"))),
+        "the leftover was signalled again: {lines:?}"
+    );
+    // The supervisor still waits for it (its deadline is ten minutes
+    // away); end it here.
+    assert!(pid_exists(g1));
+    kill(g1 as i32, libc::SIGKILL);
+    wait_gone(g1);
+    sup.wait_exit();
+    assert_eq!(events(&sup.records, g1), ["signal 15"]);
+}
+
 #[test]
 fn daemonized_grandchild_is_reaped_and_killed_at_stop() {
     let dir = TempDir::new("daemon");
