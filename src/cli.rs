@@ -184,7 +184,8 @@ impl From<lexopt::Error> for Usage {
 type Result<T> = std::result::Result<T, Usage>;
 
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command> {
-    let mut p = lexopt::Parser::from_iter(args);
+    let args: Vec<OsString> = args.into_iter().collect();
+    let mut p = lexopt::Parser::from_iter(args.clone());
     match p.next()? {
         None => Err(Usage(
             "missing command: run, deploy, rollback, status or stop".into(),
@@ -192,8 +193,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command> {
         Some(Short('h') | Long("help")) => Ok(Command::Help(HELP)),
         Some(Short('V') | Long("version")) => Ok(Command::Version),
         Some(Value(cmd)) => match cmd.to_str() {
-            Some("run") => parse_run(p),
-            Some("deploy") => parse_deploy(p),
+            Some("run") => parse_run(p, &args),
+            Some("deploy") => parse_deploy(p, &args),
             Some("rollback") => {
                 parse_control_only(p, ROLLBACK_HELP, |control| Command::Rollback { control })
             }
@@ -208,7 +209,31 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command> {
     }
 }
 
-fn parse_run(mut p: lexopt::Parser) -> Result<Command> {
+/// The worker command: `first` and every argument after it. `args` is the
+/// whole command line, to tell whether `first` followed a `--`. A word
+/// before `--` that is followed by a `--` is a mistake
+/// (`--ready-timeout 5 s -- x`), never the start of the command.
+fn worker_command(
+    verb: &str,
+    first: OsString,
+    p: &mut lexopt::Parser,
+    args: &[OsString],
+) -> Result<Vec<OsString>> {
+    let rest: Vec<OsString> = p.raw_args()?.collect();
+    let at = args.len() - rest.len() - 1;
+    let after_separator = at > 0 && args[at - 1] == "--";
+    if !after_separator && rest.iter().any(|a| a == "--") {
+        return Err(Usage(format!(
+            "{verb}: unexpected argument '{}' before '--' (options come first, then '--' and the worker command)",
+            first.to_string_lossy()
+        )));
+    }
+    let mut command = vec![first];
+    command.extend(rest);
+    Ok(command)
+}
+
+fn parse_run(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
     let mut c = RunConfig {
         listen: Vec::new(),
         backlog: 4096,
@@ -280,10 +305,7 @@ fn parse_run(mut p: lexopt::Parser) -> Result<Command> {
             Short('q') | Long("quiet") => c.verbosity = 0,
             Short('v') | Long("verbose") => c.verbosity = 2,
             Short('h') | Long("help") => return Ok(Command::Help(RUN_HELP)),
-            Value(first) => {
-                c.command.push(first);
-                c.command.extend(p.raw_args()?);
-            }
+            Value(first) => c.command = worker_command("run", first, &mut p, args)?,
             _ => return Err(arg.unexpected().into()),
         }
     }
@@ -296,7 +318,7 @@ fn parse_run(mut p: lexopt::Parser) -> Result<Command> {
     Ok(Command::Run(c))
 }
 
-fn parse_deploy(mut p: lexopt::Parser) -> Result<Command> {
+fn parse_deploy(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
     let mut control = None;
     let mut timeout = None;
     let mut command: Option<Vec<OsString>> = None;
@@ -308,11 +330,7 @@ fn parse_deploy(mut p: lexopt::Parser) -> Result<Command> {
                 timeout = Some(duration(&mut p, "--timeout")?).filter(|d| !d.is_zero());
             }
             Short('h') | Long("help") => return Ok(Command::Help(DEPLOY_HELP)),
-            Value(first) => {
-                let mut argv = vec![first];
-                argv.extend(p.raw_args()?);
-                command = Some(argv);
-            }
+            Value(first) => command = Some(worker_command("deploy", first, &mut p, args)?),
             _ => return Err(arg.unexpected().into()),
         }
     }

@@ -469,6 +469,10 @@ fn usage_errors_are_one_line_and_exit_2() {
         (&["status", "--jsn"], "--jsn"),
         (&["frobnicate"], "frobnicate"),
         (&["deploy", "--timeout"], "--timeout"),
+        (
+            &["deploy", "--timeout", "5", "s", "--", "true"],
+            "unexpected argument 's' before '--'",
+        ),
     ] {
         let out = Command::new(bin()).args(args).output().expect("run");
         assert_eq!(out.status.code(), Some(2), "{args:?}");

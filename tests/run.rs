@@ -1520,6 +1520,20 @@ fn usage_errors_exit_two_with_one_line() {
         ),
         (vec!["--listen", "127.0.0.1:0", "--"], "command"),
         (vec!["--listen", "127.0.0.1:0"], "command"),
+        // A unit split from its number leaves a stray word before `--`:
+        // an error, not a worker command `s -- worker`.
+        (
+            vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--ready-timeout",
+                "5",
+                "s",
+                "--",
+                w,
+            ],
+            "unexpected argument 's' before '--'",
+        ),
     ];
     for (args, names) in cases {
         let dir = TempDir::new("usage");
