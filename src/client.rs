@@ -142,7 +142,7 @@ fn exchange_with(
 ) -> Result<Outcome, (i32, String)> {
     let path = path.unwrap_or_else(control::default_path);
     let shown = path.display().to_string();
-    let stream = connect(&path).map_err(|e| {
+    let stream = connect(&path, timeout).map_err(|e| {
         (
             NO_SUPERVISOR,
             format!(
@@ -238,6 +238,23 @@ fn exchange_with(
     }
 }
 
-fn connect(path: &Path) -> std::io::Result<UnixStream> {
-    UnixStream::connect(path)
+/// Connect to `path`; with a timeout, a supervisor whose backlog is full
+/// (stuck) is given up on after it, as unix connect(2) honours
+/// SO_SNDTIMEO.
+fn connect(path: &Path, timeout: Option<Duration>) -> std::io::Result<UnixStream> {
+    use rustix::net::{self, AddressFamily, SocketAddrUnix, SocketFlags, SocketType, sockopt};
+    let fd = net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    if let Some(t) = timeout {
+        sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, Some(t))?;
+    }
+    net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+    if timeout.is_some() {
+        sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, None)?;
+    }
+    Ok(UnixStream::from(fd))
 }

@@ -312,7 +312,9 @@ pub fn remove_stale_socket(
     let live = match net::socket_with(
         AddressFamily::UNIX,
         SocketType::STREAM,
-        SocketFlags::CLOEXEC,
+        // Non-blocking: a live but stuck supervisor with a full backlog
+        // answers EAGAIN at once instead of holding up our start.
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
         None,
     ) {
         // ECONNREFUSED: a socket file with no listener. Anything else

@@ -1270,6 +1270,47 @@ fn a_client_refuses_a_control_socket_owned_by_another_uid() {
     );
 }
 
+/// A socket whose listener never accepts and whose backlog is full (a
+/// stuck supervisor): `run` refuses the path at once and `deploy
+/// --timeout` gives up, instead of either hanging in connect(2).
+#[test]
+fn a_stuck_listener_with_a_full_backlog_hangs_neither_run_nor_deploy() {
+    use std::os::fd::AsRawFd;
+    let dir = TempDir::new("ctl-stuck");
+    let ctl = control(&dir);
+    let stuck = std::os::unix::net::UnixListener::bind(&ctl).unwrap();
+    // SAFETY: listen(2) on a socket we own; a second listen only
+    // changes the backlog.
+    assert_eq!(unsafe { libc::listen(stuck.as_raw_fd(), 0) }, 0);
+    let mut pending = Vec::new();
+    while let Some(fd) = crate::common::connect_nonblocking(ctl.to_str().unwrap()) {
+        pending.push(fd);
+        assert!(pending.len() < 100, "the backlog never filled");
+    }
+
+    let mut sup = Supervisor::start(&dir, &["--listen", "127.0.0.1:0", "--", worker()], &[]);
+    assert_eq!(sup.wait_exit().code(), Some(1));
+    assert!(
+        sup.lines().iter().any(|l| l.contains(&format!(
+            "fatal: unable to bind control socket {}: another supervisor answers there",
+            ctl.display()
+        ))),
+        "{:?}",
+        sup.lines()
+    );
+
+    let out = run_client(client_cmd(&dir, "deploy", &["--timeout", "1s"]));
+    assert_eq!(out.code(), 3, "{out:?}");
+    assert!(
+        out.stderr.starts_with(&format!(
+            "containerflip: no supervisor answers at {}",
+            ctl.display()
+        )),
+        "{out:?}"
+    );
+    drop(stuck);
+}
+
 // ---------------------------------------------------------------------------
 // 7. No supervisor.
 

@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::io::{BufReader, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
@@ -595,31 +595,6 @@ fn ready_from_a_draining_generation_is_ignored() {
     let last = held.get("/").unwrap();
     assert_eq!((last.generation(), last.closes()), (1, true));
     sup.wait_gen(1, "exited with status 0");
-}
-
-/// Opens a non-blocking unix stream connection (a blocking connect would
-/// wait while the listen backlog is full).
-fn connect_nonblocking(path: &str) -> Option<OwnedFd> {
-    // SAFETY: plain socket calls on a fresh fd; `addr` is a zeroed
-    // sockaddr_un with the path copied in (bounds checked).
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        );
-        assert!(fd >= 0);
-        let owned = OwnedFd::from_raw_fd(fd);
-        let mut addr: libc::sockaddr_un = std::mem::zeroed();
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        assert!(path.len() < addr.sun_path.len());
-        for (d, s) in addr.sun_path.iter_mut().zip(path.bytes()) {
-            *d = s as libc::c_char;
-        }
-        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        let r = libc::connect(fd, (&raw const addr).cast(), len);
-        (r == 0).then_some(owned)
-    }
 }
 
 fn fd_count(pid: u32) -> usize {

@@ -15,6 +15,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -1167,4 +1168,29 @@ pub fn wait_gone(pid: u32) {
     wait_until(&format!("pid {pid} to be gone (killed and reaped)"), || {
         !pid_exists(pid)
     });
+}
+
+/// Opens a non-blocking unix stream connection (a blocking connect would
+/// wait while the listen backlog is full).
+pub fn connect_nonblocking(path: &str) -> Option<OwnedFd> {
+    // SAFETY: plain socket calls on a fresh fd; `addr` is a zeroed
+    // sockaddr_un with the path copied in (bounds checked).
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        );
+        assert!(fd >= 0);
+        let owned = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        assert!(path.len() < addr.sun_path.len());
+        for (d, s) in addr.sun_path.iter_mut().zip(path.bytes()) {
+            *d = s as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        let r = libc::connect(fd, (&raw const addr).cast(), len);
+        (r == 0).then_some(owned)
+    }
 }
