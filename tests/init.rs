@@ -555,6 +555,7 @@ fn systemd_socket_activate_passes_its_named_socket_through() {
     assert_eq!(start.must("env.LISTEN_FDS"), "1");
     assert_eq!(start.must("env.LISTEN_FDNAMES"), "web");
     assert_eq!(start.must("env.LISTEN_PID"), w.to_string());
+    assert_eq!(start.must("fds"), "0,1,2,3", "fds open in the worker");
 
     sup.signal(libc::SIGTERM);
     assert!(sup.wait_exit().success());

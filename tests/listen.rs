@@ -166,6 +166,9 @@ fn inherited_fd_is_adopted_and_served() {
     let rec = start_record(&sup.records, pid);
     assert_eq!(rec.must("env.LISTEN_FDS"), "1");
     assert_eq!(rec.must("listen.3"), format!("tcp {addr}"));
+    // Parked at 3; fd 5 itself (and whatever else the test harness left
+    // open) does not reach the worker.
+    assert_eq!(rec.must("fds"), "0,1,2,3", "fds open in the worker");
     for _ in 0..3 {
         assert_eq!(served_gen(addr), 1);
     }
