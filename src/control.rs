@@ -43,6 +43,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_OUTPUT: usize = 1024 * 1024;
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CLIENTS: usize = 128;
+/// Clients waiting on a deploy, rollback or stop at once; more are
+/// answered with an error, so that `status` always finds a slot.
+pub const MAX_WAITING: usize = 64;
 /// How long to stop accepting after running out of descriptors.
 pub const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 
@@ -382,6 +385,8 @@ impl Control {
     /// `hung_up`: poll said the connection is closed both ways.
     fn read(&mut self, i: usize, hung_up: bool) -> Option<Request> {
         let mut buf = [0u8; 16 * 1024];
+        // Counted before this client's request is (it is not waiting yet).
+        let waiting = self.waiting_count();
         loop {
             let c = &mut self.clients[i];
             match rustix::io::read(&c.fd, &mut buf) {
@@ -406,6 +411,16 @@ impl Control {
                         let input = std::mem::take(&mut c.input);
                         c.deadline = None;
                         match parse_request(&input[..end]) {
+                            Ok(req)
+                                if !matches!(req, Request::Status(_)) && waiting >= MAX_WAITING =>
+                            {
+                                let e = format!(
+                                    "too many clients waiting ({MAX_WAITING}); try again later"
+                                );
+                                warn!("control request refused: {e}");
+                                self.finish_at(i, false, &e);
+                                return None;
+                            }
                             Ok(req) => {
                                 debug!(
                                     "control request: {}",
@@ -440,6 +455,20 @@ impl Control {
                 }
             }
         }
+    }
+
+    /// Whether client `id` is still connected and waiting for a result.
+    pub fn waiting(&self, id: ClientId) -> bool {
+        self.clients
+            .iter()
+            .any(|c| c.id == id && c.phase == Phase::Waiting)
+    }
+
+    fn waiting_count(&self) -> usize {
+        self.clients
+            .iter()
+            .filter(|c| c.phase == Phase::Waiting)
+            .count()
     }
 
     /// Close clients whose request did not arrive in time.

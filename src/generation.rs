@@ -98,11 +98,34 @@ pub struct Generation {
     pub leaving: bool,
     /// Malformed notify input was already logged once.
     pub noisy: bool,
+    /// ERRNO= and EXTEND_TIMEOUT_USEC= lines still to be logged; past
+    /// that they are acted on silently (a worker cannot flood the log).
+    pub notify_log_left: u32,
     /// The whole group got SIGKILL: whatever is left in it is dying.
     pub killed: bool,
 }
 
 impl Generation {
+    /// Whether one more ERRNO=/EXTEND_TIMEOUT_USEC= line may be logged;
+    /// says so once when the allowance runs out.
+    pub fn may_log_notify(&mut self) -> bool {
+        match self.notify_log_left {
+            0 => false,
+            1 => {
+                self.notify_log_left = 0;
+                crate::info!(
+                    "{} sends many ERRNO=/EXTEND_TIMEOUT_USEC= messages; acting on them without logging",
+                    self.tag()
+                );
+                false
+            }
+            _ => {
+                self.notify_log_left -= 1;
+                true
+            }
+        }
+    }
+
     /// "gen 5 pid 1234", the prefix of every log line about it.
     pub fn tag(&self) -> String {
         format!("gen {} pid {}", self.n, self.pid)

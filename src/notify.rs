@@ -80,6 +80,10 @@ pub fn parse(chunk: &[u8], out: &mut Vec<Event>) {
     let mut first_bad: Option<String> = None;
     let mut bad = 0usize;
     let mut ignored = 0usize;
+    // Where this message's event for each acted-on key is: a key repeated
+    // in one message yields one event, at its first place, with its last
+    // value (sd_notify's "later assignments win").
+    let mut seen: [Option<usize>; 5] = [None; 5];
     for line in text.split('\n').filter(|l| !l.is_empty()) {
         let Some((key, value)) = line.split_once('=') else {
             bad += 1;
@@ -115,7 +119,23 @@ pub fn parse(chunk: &[u8], out: &mut Vec<Event>) {
                 Message::Ignored(format!("{:.40}", line))
             }
         };
-        out.push(Event::Message(msg));
+        let slot = match msg {
+            Message::Ready => Some(0),
+            Message::Stopping => Some(1),
+            Message::Status(_) => Some(2),
+            Message::ExtendTimeout(_) => Some(3),
+            Message::Errno(_) => Some(4),
+            Message::Ignored(_) => None,
+        };
+        match slot.and_then(|k| seen[k].map(|at| (k, at))) {
+            Some((_, at)) => out[at] = Event::Message(msg),
+            None => {
+                if let Some(k) = slot {
+                    seen[k] = Some(out.len());
+                }
+                out.push(Event::Message(msg));
+            }
+        }
     }
     if let Some(mut why) = first_bad {
         if bad > 1 {
@@ -417,5 +437,13 @@ mod tests {
         );
         let keys = b"X=1\n".repeat(MAX_MESSAGE / 4);
         assert_eq!(parsed(&keys).len(), MAX_IGNORED);
+        let errnos = b"ERRNO=1\n".repeat(MAX_MESSAGE / 8 - 1);
+        assert_eq!(
+            parsed(&[&errnos[..], b"ERRNO=5\nREADY=1"].concat()),
+            [
+                Event::Message(Message::Errno(5)),
+                Event::Message(Message::Ready)
+            ]
+        );
     }
 }

@@ -48,6 +48,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
 /// How long a failed new generation gets between stop signal and SIGKILL.
 const FAILED_GRACE: Duration = Duration::from_secs(5);
+/// ERRNO= and EXTEND_TIMEOUT_USEC= lines logged per generation.
+const NOTIFY_LOG_LINES: u32 = 64;
 
 /// Signals passed on to the active worker (SPEC §7).
 const FORWARDED: [i32; 6] = [
@@ -457,6 +459,11 @@ impl Supervisor {
                 q.target = target;
             }
             q.origin = origin;
+            // Clients that went away are no longer waiting: the list stays
+            // bounded by the control socket's client limit.
+            let control = self.control.as_ref();
+            q.waiters
+                .retain(|&id| control.is_some_and(|c| c.waiting(id)));
             q.waiters.extend(waiter);
             if let Some(id) = waiter {
                 self.tell(id, "deploy queued behind the one under way");
@@ -542,6 +549,7 @@ impl Supervisor {
             exit: None,
             leaving: false,
             noisy: false,
+            notify_log_left: NOTIFY_LOG_LINES + 1,
             killed: false,
         };
         info!("{} spawned", g.tag());
@@ -802,17 +810,21 @@ impl Supervisor {
                     && g.deadline.is_some()
                 {
                     g.deadline = Some(now + Duration::from_micros(usec));
-                    info!(
-                        "{} extended its {} deadline by {}",
-                        g.tag(),
-                        g.state.name(),
-                        format_duration(Duration::from_micros(usec))
-                    );
+                    if g.may_log_notify() {
+                        info!(
+                            "{} extended its {} deadline by {}",
+                            g.tag(),
+                            g.state.name(),
+                            format_duration(Duration::from_micros(usec))
+                        );
+                    }
                 }
             }
             Event::Message(Message::Errno(errno)) => {
-                let text = crate::error::os_message(&std::io::Error::from_raw_os_error(errno));
-                info!("{} reported ERRNO={errno} ({text})", g.tag());
+                if g.may_log_notify() {
+                    let text = crate::error::os_message(&std::io::Error::from_raw_os_error(errno));
+                    info!("{} reported ERRNO={errno} ({text})", g.tag());
+                }
             }
             Event::Message(Message::Ignored(line)) => debug!("{} sent {line} (ignored)", g.tag()),
             Event::Malformed(why) => {
@@ -1239,6 +1251,8 @@ impl Supervisor {
                 }
                 self.begin_stop("stop requested over the control socket", now);
                 if let Some(s) = self.stop.as_mut() {
+                    let control = self.control.as_ref();
+                    s.waiters.retain(|&w| control.is_some_and(|c| c.waiting(w)));
                     s.waiters.push(id);
                 }
             }

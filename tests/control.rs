@@ -1270,6 +1270,60 @@ fn a_client_refuses_a_control_socket_owned_by_another_uid() {
     );
 }
 
+/// Clients waiting on deploys cannot take every control slot: past 64
+/// waiting, a deploy request gets one error line, `status` still
+/// answers, and the 64 that wait all get their result.
+#[test]
+fn waiting_clients_are_capped_and_status_still_answers() {
+    use std::io::BufRead;
+    const MAX_WAITING: usize = 64;
+    let dir = TempDir::new("ctl-waitcap");
+    let (mut sup, env_file, fifo) = crate::common::start_held(&dir, &[], &[]);
+    sup.wait_ready(1);
+    write_file(&env_file, &format!("HOLD={}\n", fifo.display()));
+    let ctl = control(&dir);
+    let req = b"containerflip/1 deploy\n\n";
+    let mut waiting = Vec::new();
+    for _ in 0..MAX_WAITING {
+        let s = UnixStream::connect(&ctl).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        (&s).write_all(req).unwrap();
+        let mut r = std::io::BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("progress "), "{line:?}");
+        waiting.push(r);
+    }
+    assert_eq!(
+        raw_exchange(&ctl, req.to_vec()),
+        format!("error too many clients waiting ({MAX_WAITING}); try again later\n")
+    );
+    assert_eq!(
+        run_client(client_cmd(&dir, "status", &["--check"])).code(),
+        0
+    );
+    write_file(&env_file, "");
+    release(&fifo);
+    for mut r in waiting {
+        let last = loop {
+            let mut line = String::new();
+            assert_ne!(
+                r.read_line(&mut line).unwrap(),
+                0,
+                "closed without a result"
+            );
+            if !line.starts_with("progress ") {
+                break line;
+            }
+        };
+        assert!(last.starts_with("ok "), "{last:?}");
+    }
+    sup.wait_ready(3);
+    sup.signal(libc::SIGTERM);
+    assert!(sup.wait_exit().success());
+    assert_eq!(sup.count(" spawned"), 3, "{:?}", sup.lines());
+}
+
 /// A socket whose listener never accepts and whose backlog is full (a
 /// stuck supervisor): `run` refuses the path at once and `deploy
 /// --timeout` gives up, instead of either hanging in connect(2).

@@ -573,6 +573,34 @@ fn a_notify_flood_neither_grows_memory_nor_starves_the_loop() {
     assert!(sup.wait_exit().success());
 }
 
+/// Valid keys a worker repeats are acted on, but logged a bounded number
+/// of times: 64 ERRNO= lines per generation, then one line saying so.
+/// A key repeated within one message counts once (its last value).
+#[test]
+fn repeated_errno_messages_are_logged_a_bounded_number_of_times() {
+    let dir = TempDir::new("errnolog");
+    let mut sup = Supervisor::start(&dir, &worker_args(&["-v"]), &[]);
+    let p1 = sup.wait_ready(1);
+    let sock1 = start_record(&sup.records, p1)
+        .must("env.NOTIFY_SOCKET")
+        .to_string();
+    send_dgram(
+        &sock1,
+        &[&b"ERRNO=1\n".repeat(500)[..], b"ERRNO=2\n"].concat(),
+    );
+    sync_notify(&sup, 1, p1, &sock1, "after-one");
+    assert_eq!(sup.count(" reported ERRNO="), 1, "one message, one line");
+    sup.wait_line(&format!("gen 1 pid {p1} reported ERRNO=2 "));
+    for _ in 0..200 {
+        send_dgram(&sock1, b"ERRNO=1");
+    }
+    sync_notify(&sup, 1, p1, &sock1, "after-flood");
+    assert_eq!(sup.count(" reported ERRNO="), 64, "{:?}", sup.lines());
+    assert_eq!(sup.count(" sends many ERRNO="), 1);
+    sup.signal(libc::SIGTERM);
+    assert!(sup.wait_exit().success());
+}
+
 /// A READY=1 from a generation that is draining must not bring it back.
 #[test]
 fn ready_from_a_draining_generation_is_ignored() {
