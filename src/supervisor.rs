@@ -176,6 +176,10 @@ pub struct Supervisor {
     deploy: Option<Deploy>,
     queued: Option<Queued>,
     restart_at: Option<Instant>,
+    /// A replacement asked for (STOPPING=1) by a generation ready for
+    /// less than 10 s waits until then, with the crash backoff: a worker
+    /// that asks at once, every time, cannot spawn without bound.
+    replace_at: Option<Instant>,
     backoff: Duration,
     /// Since when some generation has been serving without a gap (a
     /// deploy is no gap); a crash that ends a stretch of 10 s or more
@@ -231,6 +235,7 @@ impl Supervisor {
             deploy: None,
             queued: None,
             restart_at: None,
+            replace_at: None,
             backoff: BACKOFF_MIN,
             serving_since: None,
             current_cmd,
@@ -366,6 +371,7 @@ impl Supervisor {
         let orphans = self.stop.as_ref().and_then(|s| s.orphan_deadline);
         let control = self.control.as_ref().and_then(|c| c.deadline());
         gens.chain(self.restart_at)
+            .chain(self.replace_at)
             .chain(orphans)
             .chain(control)
             .min()
@@ -504,6 +510,7 @@ impl Supervisor {
             },
         };
         self.restart_at = None;
+        self.replace_at = None;
         let n = self.next_gen;
         self.next_gen += 1;
         let notify_path = self.rundir.path().join(format!("notify.{n}"));
@@ -798,8 +805,25 @@ impl Supervisor {
                 }
                 g.leaving = true;
                 info!("{} is leaving on its own (STOPPING=1)", g.tag());
+                let young = g
+                    .ready_at
+                    .is_some_and(|t| now.saturating_duration_since(t) < BACKOFF_RESET);
+                let tag = g.tag();
                 if is_active && g.state == State::Ready {
-                    self.request_deploy(Target::Current, Origin::Replace, None, now);
+                    if young && self.deploy.is_none() {
+                        self.replace_at = Some(now + self.backoff);
+                        info!(
+                            "{tag} was ready less than {} ago; replacing it in {}",
+                            format_duration(BACKOFF_RESET),
+                            format_duration(self.backoff)
+                        );
+                        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                    } else {
+                        if !young {
+                            self.backoff = BACKOFF_MIN;
+                        }
+                        self.request_deploy(Target::Current, Origin::Replace, None, now);
+                    }
                 }
             }
             Event::Message(Message::ExtendTimeout(usec)) => {
@@ -1096,6 +1120,16 @@ impl Supervisor {
         if self.restart_at.is_some_and(|t| t <= now) {
             self.start_deploy(Target::Current, Origin::CrashRestart, Vec::new(), now);
         }
+        if self.replace_at.is_some_and(|t| t <= now) {
+            self.replace_at = None;
+            let leaving = self
+                .active
+                .and_then(|n| self.gens.iter().find(|g| g.n == n))
+                .is_some_and(|g| g.leaving);
+            if leaving {
+                self.request_deploy(Target::Current, Origin::Replace, None, now);
+            }
+        }
         if let Some(stop) = self.stop.as_mut()
             && stop.orphan_deadline.is_some_and(|t| t <= now)
         {
@@ -1174,6 +1208,7 @@ impl Supervisor {
             u.send("STOPPING=1\nSTATUS=stopping");
         }
         self.restart_at = None;
+        self.replace_at = None;
         let mut waiters = self.deploy.take().map(|d| d.waiters).unwrap_or_default();
         waiters.extend(self.queued.take().map(|q| q.waiters).unwrap_or_default());
         self.conclude(waiters, false, "the supervisor is stopping");

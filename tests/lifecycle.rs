@@ -91,6 +91,48 @@ fn stopping_from_the_active_generation_starts_its_replacement() {
     );
 }
 
+/// A worker that asks to be replaced as soon as it is ready, every time,
+/// is replaced with the crash backoff (100 ms, 200 ms, 400 ms, …) rather
+/// than in a tight spawn loop.
+#[test]
+fn stopping_right_after_ready_is_replaced_with_backoff() {
+    let dir = TempDir::new("stoploop");
+    let script = dir.join("leaver.py");
+    fs::write(
+        &script,
+        "import os, signal, socket, sys\n\
+         signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n\
+         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+         s.sendto(b'READY=1\\nSTOPPING=1', os.environ['NOTIFY_SOCKET'])\n\
+         while True:\n    signal.pause()\n",
+    )
+    .unwrap();
+    let mut sup = Supervisor::start(
+        &dir,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--",
+            "python3",
+            script.to_str().unwrap(),
+        ],
+        &[],
+    );
+    sup.wait_ready(5);
+    let delays: Vec<String> = (1..=4)
+        .map(|n| {
+            let replacing = sup.wait_for(&format!("gen {n}'s replacement delay"), |l| {
+                l.starts_with(&format!("containerflip: gen {n} pid "))
+                    && l.contains("replacing it in")
+            });
+            replacing.rsplit(' ').next().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(delays, ["100ms", "200ms", "400ms", "800ms"]);
+    sup.signal(libc::SIGTERM);
+    assert!(sup.wait_exit().success());
+}
+
 /// EXTEND_TIMEOUT_USEC moves a starting generation's ready deadline. The
 /// clock is a second supervisor with the same `--ready-timeout`, started
 /// after the first one's generation was spawned: once it has given up, the
