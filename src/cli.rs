@@ -379,18 +379,23 @@ fn parse_control_only(
     Ok(make(control))
 }
 
+/// An option's value. A `--` in its place means the value was left out
+/// (`--control -- server`), never a value.
+fn value(p: &mut lexopt::Parser, opt: &str) -> Result<OsString> {
+    match p.value() {
+        Ok(v) if v != "--" => Ok(v),
+        _ => Err(Usage(format!("{opt}: missing value"))),
+    }
+}
+
 fn string(p: &mut lexopt::Parser, opt: &str) -> Result<String> {
-    let v = p
-        .value()
-        .map_err(|_| Usage(format!("{opt}: missing value")))?;
+    let v = value(p, opt)?;
     v.into_string()
         .map_err(|v| Usage(format!("{opt}: invalid UTF-8 in '{}'", v.to_string_lossy())))
 }
 
 fn path(p: &mut lexopt::Parser, opt: &str) -> Result<PathBuf> {
-    let v = p
-        .value()
-        .map_err(|_| Usage(format!("{opt}: missing value")))?;
+    let v = value(p, opt)?;
     if v.is_empty() {
         return Err(Usage(format!(
             "{opt}: expected a path, got an empty string"

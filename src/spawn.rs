@@ -99,19 +99,6 @@ pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
     let mut env: Vec<(OsString, OsString)> = req.base_env.to_vec();
     if let Some(path) = req.env_file {
         for (k, v) in read_env_file(path)? {
-            // DRAIN_GRACE_MS too: containerflip computes it, or passes on
-            // its own environment's value.
-            if NOT_INHERITED
-                .iter()
-                .chain(&["DRAIN_GRACE_MS"])
-                .any(|n| OsStr::new(n) == k)
-            {
-                return Err(format!(
-                    "env file {}: {} is set by containerflip itself",
-                    path.display(),
-                    k.to_string_lossy()
-                ));
-            }
             set(&mut env, k, v);
         }
     }
@@ -260,6 +247,18 @@ pub fn read_env_file(path: &Path) -> Result<Vec<(OsString, OsString)>, String> {
         if !key_ok {
             return Err(bad("the key must be letters, digits and '_'"));
         }
+        // DRAIN_GRACE_MS too: containerflip computes it, or passes on its
+        // own environment's value.
+        if NOT_INHERITED
+            .iter()
+            .chain(&["DRAIN_GRACE_MS"])
+            .any(|n| n.as_bytes() == key)
+        {
+            return Err(bad(&format!(
+                "{} is set by containerflip itself",
+                String::from_utf8_lossy(key)
+            )));
+        }
         if value.contains(&0) {
             return Err(bad("NUL byte in the value"));
         }
@@ -288,6 +287,12 @@ mod tests {
         std::fs::write(&dir, "A=1\nnot a pair\n").unwrap();
         let e = super::read_env_file(&dir).unwrap_err();
         assert!(e.contains("line 2"), "{e}");
+        std::fs::write(&dir, "A=1\n\nLISTEN_FDS=9\n").unwrap();
+        let e = super::read_env_file(&dir).unwrap_err();
+        assert!(
+            e.ends_with(" line 3: LISTEN_FDS is set by containerflip itself"),
+            "{e}"
+        );
         std::fs::remove_file(&dir).unwrap();
     }
 }

@@ -180,6 +180,9 @@ pub struct Supervisor {
     /// less than 10 s waits until then, with the crash backoff: a worker
     /// that asks at once, every time, cannot spawn without bound.
     replace_at: Option<Instant>,
+    /// How the last active generation ended, while nothing has replaced
+    /// it: a stop then exits with that status (SPEC §7), not 0.
+    crashed: Option<Exit>,
     backoff: Duration,
     /// Since when some generation has been serving without a gap (a
     /// deploy is no gap); a crash that ends a stretch of 10 s or more
@@ -236,6 +239,7 @@ impl Supervisor {
             queued: None,
             restart_at: None,
             replace_at: None,
+            crashed: None,
             backoff: BACKOFF_MIN,
             serving_since: None,
             current_cmd,
@@ -625,6 +629,7 @@ impl Supervisor {
                 self.tell(id, &line);
             }
         }
+        self.crashed = None;
         if let Some(old) = self.active.replace(n) {
             self.retire(old, now);
         }
@@ -1047,6 +1052,7 @@ impl Supervisor {
     fn on_crash(&mut self, n: u64, exit: Exit, now: Instant) {
         let tag = self.tag(n);
         self.active = None;
+        self.crashed = Some(exit);
         if self.cfg.on_crash == OnCrash::Exit {
             warn!("{tag} crashed ({exit}); exiting (--on-crash exit)");
             self.exit_code = Some(match exit.code() {
@@ -1231,7 +1237,8 @@ impl Supervisor {
         // children as subreaper or PID 1: they are stopped too.
         self.stop = Some(Stopping {
             active: self.active,
-            active_exit: None,
+            // Nothing serves after a crash: the crashed one's status.
+            active_exit: self.active.is_none().then_some(self.crashed).flatten(),
             clean: true,
             signalled_once: by_signal,
             forced: false,

@@ -470,6 +470,11 @@ fn usage_errors_are_one_line_and_exit_2() {
         (&["frobnicate"], "frobnicate"),
         (&["deploy", "--timeout"], "--timeout"),
         (
+            &["run", "--listen", "127.0.0.1:0", "--control", "--", "true"],
+            "--control: missing value",
+        ),
+        (&["run", "-C", "--", "true"], "--chdir: missing value"),
+        (
             &["deploy", "--timeout", "5", "s", "--", "true"],
             "unexpected argument 's' before '--'",
         ),

@@ -1424,6 +1424,30 @@ fn a_worker_that_cannot_start_is_named_with_the_reason() {
     }
 }
 
+/// Stopped while the active generation has crashed and nothing replaced
+/// it (a crash loop): the crashed worker's status, never 0.
+#[test]
+fn a_stop_after_a_crash_exits_with_the_crashed_status() {
+    let dir = TempDir::new("crashstop");
+    let mut sup = Supervisor::start(
+        &dir,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--",
+            "/bin/sh",
+            "-c",
+            "systemd-notify --ready && exit 3",
+        ],
+        &[],
+    );
+    sup.wait_ready(1);
+    sup.wait_line("crashed (status 3)");
+    sup.signal(libc::SIGTERM);
+    assert_eq!(sup.wait_exit().code(), Some(3), "{:?}", sup.lines());
+    sup.wait_line("exiting with status 3");
+}
+
 #[test]
 fn first_generation_failing_at_boot_is_the_exit_status() {
     let dir = TempDir::new("bootexit");
