@@ -1095,6 +1095,22 @@ fn raw_exchange_as_nobody(ctl: &Path, request: &[u8]) -> std::io::Result<String>
     })
 }
 
+/// `containerflip VERB --control CTL` run as uid/gid 65534 (setpriv).
+fn client_as_nobody(ctl: &Path, verb: &str) -> Out {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        bin(),
+        verb,
+    ])
+    .arg("--control")
+    .arg(ctl)
+    .env_remove("CONTAINERFLIP_CONTROL");
+    run_client(cmd)
+}
+
 /// A temp dir others may traverse, with a supervisor in it.
 fn start_for_other_uids(name: &str) -> (TempDir, Supervisor, SocketAddr) {
     let dir = TempDir::new(name);
@@ -1176,20 +1192,7 @@ fn a_client_command_as_another_uid_is_refused() {
     }
     let (dir, sup, addr) = start_for_other_uids("ctl-uid");
     let ctl = control(&dir);
-    let as_nobody = |verb: &str| {
-        let mut cmd = Command::new("setpriv");
-        cmd.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            bin(),
-            verb,
-        ])
-        .arg("--control")
-        .arg(&ctl)
-        .env_remove("CONTAINERFLIP_CONTROL");
-        run_client(cmd)
-    };
+    let as_nobody = |verb: &str| client_as_nobody(&ctl, verb);
 
     // Mode 0600: connect fails; the client names the path.
     let out = as_nobody("status");
@@ -1239,20 +1242,7 @@ fn a_client_refuses_a_control_socket_owned_by_another_uid() {
         let _ = conn.read_to_end(&mut heard);
         heard
     });
-    let out = run_client({
-        let mut cmd = Command::new("setpriv");
-        cmd.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            bin(),
-            "deploy",
-        ])
-        .arg("--control")
-        .arg(&ctl)
-        .env_remove("CONTAINERFLIP_CONTROL");
-        cmd
-    });
+    let out = client_as_nobody(&ctl, "deploy");
     assert_eq!(out.code(), 3, "{out:?}");
     assert_eq!(out.stdout, "", "the impostor's answer is not believed");
     assert_eq!(
