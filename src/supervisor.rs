@@ -764,13 +764,20 @@ impl Supervisor {
     }
 
     fn schedule_restart(&mut self, failed: u64, now: Instant) {
-        self.restart_at = Some(now + self.backoff);
+        let wait = self.take_backoff();
+        self.restart_at = Some(now + wait);
         info!(
             "{}: nothing is serving; restarting in {}",
             self.tag(failed),
-            format_duration(self.backoff)
+            format_duration(wait)
         );
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// The current restart backoff, doubled (up to 10 s) for next time.
+    fn take_backoff(&mut self) -> Duration {
+        let wait = self.backoff;
+        self.backoff = (wait * 2).min(BACKOFF_MAX);
+        wait
     }
 
     // ---- notify --------------------------------------------------------
@@ -816,13 +823,13 @@ impl Supervisor {
                 let tag = g.tag();
                 if is_active && g.state == State::Ready {
                     if young && self.deploy.is_none() {
-                        self.replace_at = Some(now + self.backoff);
+                        let wait = self.take_backoff();
+                        self.replace_at = Some(now + wait);
                         info!(
                             "{tag} was ready less than {} ago; replacing it in {}",
                             format_duration(BACKOFF_RESET),
-                            format_duration(self.backoff)
+                            format_duration(wait)
                         );
-                        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                     } else {
                         if !young {
                             self.backoff = BACKOFF_MIN;
@@ -1073,12 +1080,12 @@ impl Supervisor {
         match &self.deploy {
             Some(d) => warn!("{tag} crashed ({exit}); gen {} is already starting", d.n),
             None => {
+                let wait = self.take_backoff();
                 warn!(
                     "{tag} crashed ({exit}); restarting in {}",
-                    format_duration(self.backoff)
+                    format_duration(wait)
                 );
-                self.restart_at = Some(now + self.backoff);
-                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                self.restart_at = Some(now + wait);
             }
         }
     }
