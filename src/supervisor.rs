@@ -517,6 +517,13 @@ impl Supervisor {
         self.replace_at = None;
         let n = self.next_gen;
         self.next_gen += 1;
+        // Before anything can fail: a deploy that fails before its worker
+        // exists (env file, socket, fork) still ends with READY=1 upstream.
+        if self.booted
+            && let Some(u) = &self.upstream
+        {
+            u.reloading();
+        }
         let notify_path = self.rundir.path().join(format!("notify.{n}"));
         let notify = match NotifySocket::bind(&notify_path, self.cfg.notify_mode) {
             Ok(s) => s,
@@ -571,11 +578,6 @@ impl Supervisor {
             self.tell(id, &line);
         }
         self.deploy = Some(Deploy { n, origin, waiters });
-        if self.booted
-            && let Some(u) = &self.upstream
-        {
-            u.reloading();
-        }
     }
 
     /// A deploy that never got a process (env file, fork, socket).

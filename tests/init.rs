@@ -455,6 +455,14 @@ fn speaks_sd_notify_upward(dir: &TempDir, sock: UnixDatagram, notify_socket: &st
         "READY=1 after the failed deploy names gen 3: {after_failure:?}"
     );
 
+    // So is a deploy that fails before its worker exists (the env file
+    // does not parse).
+    write_file(&env_file, "not an assignment\n");
+    sup.signal(libc::SIGHUP);
+    recv_until(&sock, "RELOADING", &mut log);
+    recv_until(&sock, "READY", &mut log);
+    sup.wait_line("gen 4 deploy failed");
+
     sup.signal(libc::SIGTERM);
     recv_until(&sock, "STOPPING", &mut log);
     assert!(sup.wait_exit().success());
@@ -468,6 +476,8 @@ fn speaks_sd_notify_upward(dir: &TempDir, sock: UnixDatagram, notify_socket: &st
     assert_eq!(
         sequence,
         [
+            "READY",
+            "RELOADING",
             "READY",
             "RELOADING",
             "READY",

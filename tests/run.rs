@@ -1114,7 +1114,8 @@ fn deploys_under_load(mode: Mode) {
     let mut sup = Supervisor::start(&dir, &worker_args(&[]), &[]);
     let addr = sup.listen_addr();
     sup.wait_ready(1);
-    let load = Load::start(addr, 4, mode);
+    const THREADS: usize = 4;
+    let load = Load::start(addr, THREADS, mode);
     load.wait_more(20);
     for n in 2..=DEPLOYS + 1 {
         sup.signal(libc::SIGHUP);
@@ -1124,12 +1125,31 @@ fn deploys_under_load(mode: Mode) {
         // Some requests for this generation before the next deploy.
         load.wait_more(100);
     }
-    let outcomes = load.stop();
+    let (outcomes, connections) = load.stop_counting();
     let (failures, gens) = summarize(&outcomes);
     eprintln!(
-        "{mode:?}: {} requests, answered by generations {gens:?}",
+        "{mode:?}: {} requests on {connections} connections, answered by generations {gens:?}",
         outcomes.len()
     );
+    if mode == Mode::KeepAlive {
+        // Connections really were reused: each client reconnects only when
+        // a draining generation closes its connection (a few times per
+        // deploy at most), never once per request.
+        let bound = THREADS * 3 * (DEPLOYS as usize + 1);
+        assert!(
+            connections <= bound && connections * 5 < outcomes.len(),
+            "{connections} connections for {} keep-alive requests",
+            outcomes.len()
+        );
+        let closes = outcomes
+            .iter()
+            .filter(|o| o.result.as_ref().is_ok_and(Response::closes))
+            .count();
+        assert!(
+            closes >= DEPLOYS as usize,
+            "draining generations closed keep-alive connections only {closes} times"
+        );
+    }
     assert!(
         failures.is_empty(),
         "{} of {} requests failed, e.g. {:?}",

@@ -764,6 +764,8 @@ pub struct Load {
     stop: Arc<AtomicBool>,
     pub phase: Arc<AtomicU32>,
     done: Arc<AtomicUsize>,
+    /// TCP connections opened (all threads, counted when they stop).
+    connections: Arc<AtomicUsize>,
     threads: Vec<JoinHandle<Vec<Outcome>>>,
 }
 
@@ -775,9 +777,11 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let phase = Arc::new(AtomicU32::new(0));
         let done = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
         let threads = (0..threads)
             .map(|_| {
                 let (stop, phase, done) = (stop.clone(), phase.clone(), done.clone());
+                let connections = connections.clone();
                 thread::spawn(move || {
                     let until = Instant::now() + Load::MAX_TIME;
                     let mut client = KeepAlive::new(addr);
@@ -797,6 +801,11 @@ impl Load {
                         });
                         done.fetch_add(1, Ordering::SeqCst);
                     }
+                    let opened = match mode {
+                        Mode::NewConnection => out.len(),
+                        Mode::KeepAlive => client.connections,
+                    };
+                    connections.fetch_add(opened, Ordering::SeqCst);
                     out
                 })
             })
@@ -805,6 +814,7 @@ impl Load {
             stop,
             phase,
             done,
+            connections,
             threads,
         }
     }
@@ -821,11 +831,18 @@ impl Load {
     }
 
     pub fn stop(self) -> Vec<Outcome> {
+        self.stop_counting().0
+    }
+
+    /// Stops the load; returns the outcomes and the connections opened.
+    pub fn stop_counting(self) -> (Vec<Outcome>, usize) {
         self.stop.store(true, Ordering::SeqCst);
-        self.threads
+        let outcomes = self
+            .threads
             .into_iter()
             .flat_map(|t| t.join().expect("load thread"))
-            .collect()
+            .collect();
+        (outcomes, self.connections.load(Ordering::SeqCst))
     }
 }
 
