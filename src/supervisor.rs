@@ -1079,16 +1079,24 @@ impl Supervisor {
         if served_for.is_some_and(|d| d >= BACKOFF_RESET) {
             self.backoff = BACKOFF_MIN;
         }
-        match &self.deploy {
-            Some(d) => warn!("{tag} crashed ({exit}); gen {} is already starting", d.n),
+        let status = match &self.deploy {
+            Some(d) => {
+                warn!("{tag} crashed ({exit}); gen {} is already starting", d.n);
+                format!("{tag} crashed ({exit}); gen {} is starting", d.n)
+            }
             None => {
                 let wait = self.take_backoff();
-                warn!(
-                    "{tag} crashed ({exit}); restarting in {}",
-                    format_duration(wait)
-                );
                 self.restart_at = Some(now + wait);
+                let wait = format_duration(wait);
+                warn!("{tag} crashed ({exit}); restarting in {wait}");
+                format!("{tag} crashed ({exit}); restarting in {wait}")
             }
+        };
+        // systemd's view must not keep naming the generation that died.
+        if let Some(u) = &self.upstream
+            && self.booted
+        {
+            u.send(&format!("STATUS={status}"));
         }
     }
 

@@ -510,6 +510,43 @@ fn notify_socket_abstract_gets_ready_reloading_ready_stopping() {
     speaks_sd_notify_upward(&dir, sock, &format!("@{name}"));
 }
 
+/// A crash of the active worker shows in systemd's STATUS= at once (not
+/// the dead generation's "serving"), and the restart is a reload cycle.
+#[test]
+fn a_crash_shows_in_the_upstream_status() {
+    let dir = TempDir::new("sdcrash");
+    let path = dir.join("systemd-notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind our notify socket");
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+    let control = control_path(&dir);
+    let sup = Supervisor::start(
+        &dir,
+        &run_args(&control, &[]),
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("RUNTIME_DIRECTORY", dir.str()),
+        ],
+    );
+    let mut log = Vec::new();
+    recv_until(&sock, "READY", &mut log);
+    let w1 = sup.wait_ready(1);
+    kill(w1 as i32, libc::SIGKILL);
+    let crashed = recv_until(&sock, "RELOADING", &mut log);
+    let status: Vec<&String> = log.iter().filter(|m| m.contains("crashed")).collect();
+    assert_eq!(status.len(), 1, "one STATUS= about the crash: {log:?}");
+    assert!(
+        status[0].starts_with(&format!(
+            "STATUS=gen 1 pid {w1} crashed (signal SIGKILL); restarting in"
+        )),
+        "{:?}",
+        status[0]
+    );
+    assert!(!crashed.contains("serving"), "{crashed:?}");
+    let ready = recv_until(&sock, "READY", &mut log);
+    let w2 = sup.wait_ready(2);
+    assert!(ready.contains(&format!("gen 2 pid {w2}")), "{ready:?}");
+}
+
 /// `systemctl reload` of the contrib unit, acted out: systemd releases
 /// before the ExecReloadPost= rework send `ReloadSignal=` *and* run
 /// `ExecReload=` at once. The signal must change nothing, the command
