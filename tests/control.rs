@@ -1405,6 +1405,99 @@ fn every_client_command_without_a_supervisor_exits_3_naming_the_path() {
     }
 }
 
+/// SPEC §6: without --control, `run` and the clients take the first of
+/// $CONTAINERFLIP_CONTROL, $RUNTIME_DIRECTORY/containerflip.sock,
+/// $XDG_RUNTIME_DIR/containerflip.sock, /run/containerflip.sock (root),
+/// /tmp/containerflip-$UID.sock; an empty variable counts as unset.
+#[test]
+fn the_default_control_path_follows_the_documented_order() {
+    let dir = TempDir::new("ctl-order");
+    let explicit = dir.join("explicit.sock");
+    let (rt, xdg) = (dir.join("rt"), dir.join("xdg"));
+    std::fs::create_dir(&rt).unwrap();
+    std::fs::create_dir(&xdg).unwrap();
+    let (rt_sock, xdg_sock) = (
+        rt.join("containerflip.sock"),
+        xdg.join("containerflip.sock"),
+    );
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    // The path the exit-3 line of `status` names, with exactly `env`.
+    let tried = |env: &[(&str, &Path)], nobody: bool| -> String {
+        let mut cmd = if nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()]);
+            c
+        } else {
+            Command::new(bin())
+        };
+        cmd.arg("status").env_clear().env("PATH", &path);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = run_client(cmd);
+        assert_eq!(out.code(), 3, "{env:?}: {out:?}");
+        out.stderr
+            .trim_end()
+            .strip_prefix("containerflip: no supervisor answers at ")
+            .and_then(|rest| rest.split(": ").next())
+            .unwrap_or_else(|| panic!("{env:?}: {out:?}"))
+            .to_string()
+    };
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let all: [(&str, &Path); 3] = [
+        ("CONTAINERFLIP_CONTROL", &explicit),
+        ("RUNTIME_DIRECTORY", &rt),
+        ("XDG_RUNTIME_DIR", &xdg),
+    ];
+    assert_eq!(tried(&all, false), s(&explicit));
+    assert_eq!(tried(&all[1..], false), s(&rt_sock));
+    assert_eq!(tried(&all[2..], false), s(&xdg_sock));
+    let empty = Path::new("");
+    assert_eq!(
+        tried(
+            &[
+                ("CONTAINERFLIP_CONTROL", empty),
+                ("RUNTIME_DIRECTORY", empty),
+                ("XDG_RUNTIME_DIR", &xdg)
+            ],
+            false
+        ),
+        s(&xdg_sock),
+        "empty variables are skipped"
+    );
+    if is_root() {
+        assert_eq!(tried(&[], false), "/run/containerflip.sock");
+        assert_eq!(tried(&[], true), "/tmp/containerflip-65534.sock");
+    } else {
+        let uid = rustix::process::getuid().as_raw();
+        assert_eq!(tried(&[], false), format!("/tmp/containerflip-{uid}.sock"));
+    }
+
+    // `run` resolves the same way: with only $RUNTIME_DIRECTORY (as under
+    // systemd's RuntimeDirectory=) its socket is where `status` looks.
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "--listen", "127.0.0.1:0", "--", worker()])
+        .env_clear()
+        .env("PATH", &path)
+        .env("RUNTIME_DIRECTORY", &rt)
+        .env("WORKER_RECORD", dir.path());
+    let sup = Supervisor::spawn(cmd, &dir, &[]);
+    sup.wait_ready(1);
+    assert!(
+        rt_sock.exists(),
+        "run made no socket at {}",
+        rt_sock.display()
+    );
+    let mut status = Command::new(bin());
+    status
+        .args(["status", "--check"])
+        .env_clear()
+        .env("PATH", &path)
+        .env("RUNTIME_DIRECTORY", &rt);
+    let out = run_client(status);
+    assert_eq!(out.code(), 0, "{out:?}");
+}
+
 // ---------------------------------------------------------------------------
 // stop.
 

@@ -191,7 +191,10 @@ fn ss_backlog(port: u16) -> Option<u32> {
 #[test]
 fn backlog_reaches_listen() {
     if Command::new("ss").arg("-V").output().is_err() {
-        println!("skipped: no `ss` to read a listener's backlog");
+        skipped(
+            "backlog_reaches_listen",
+            "no `ss` (iproute2) to read a listener's backlog",
+        );
         return;
     }
     let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")

@@ -377,3 +377,27 @@ export async function startSupervisor(t, command, { runArgs = [], env = {}, noti
   }
   return sup;
 }
+
+/**
+ * The listening TCP sockets process `pid` holds: `{ fd, inode, address }`
+ * for each, from /proc/PID/fd and /proc/PID/net/tcp{,6} (state 0A).
+ */
+export function listeningSockets(pid) {
+  const listening = new Map(); // inode -> local address (hex, as the kernel prints it)
+  for (const table of ['tcp', 'tcp6']) {
+    let text = '';
+    try { text = fs.readFileSync(`/proc/${pid}/net/${table}`, 'utf8'); } catch { continue; }
+    for (const line of text.split('\n').slice(1)) {
+      const f = line.trim().split(/\s+/);
+      if (f.length > 9 && f[3] === '0A') listening.set(f[9], `${table} ${f[1]}`);
+    }
+  }
+  const out = [];
+  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+    let target;
+    try { target = fs.readlinkSync(`/proc/${pid}/fd/${fd}`); } catch { continue; }
+    const m = /^socket:\[(\d+)\]$/.exec(target);
+    if (m && listening.has(m[1])) out.push({ fd: Number(fd), inode: m[1], address: listening.get(m[1]) });
+  }
+  return out;
+}

@@ -13,7 +13,7 @@ import { once } from 'node:events';
 import http from 'node:http';
 import path from 'node:path';
 
-import { startSupervisor, request, withDeadline, FIXTURES } from './helpers.mjs';
+import { startSupervisor, request, withDeadline, listeningSockets, FIXTURES } from './helpers.mjs';
 import { Load } from './load.mjs';
 
 const WORKER = path.join(FIXTURES, 'worker.mjs');
@@ -35,6 +35,10 @@ describe('recipes under containerflip: ready, serve, 5 deploys under load, zero 
       assert.equal(first.status, 200);
       assert.equal(first.headers['x-containerflip-generation'], '1');
       assert.match(first.body, /generation 1\b/);
+      // The recipe listens on the supervisor's socket and on nothing of its
+      // own (Fastify given host 'localhost' would also bind [::1] itself).
+      assert.deepEqual(listeningSockets(sup.active.pid).map((s) => s.fd), [3],
+        `listening sockets of ${name}: ${JSON.stringify(listeningSockets(sup.active.pid))}`);
 
       // Bounded by count and by time; both far above what 5 deploys need, and
       // the test asserts that neither bound was reached before the end.
