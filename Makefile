@@ -17,6 +17,7 @@ test-rust:
 # Installs the helper's devDependencies (frameworks, typescript) from the
 # lock file, then runs node:test against the binary built above.
 test-node: test-rust
+	node clients/node/test/require-node.mjs
 	cd clients/node && npm ci --no-audit --no-fund --loglevel=error && npm test
 
 release:

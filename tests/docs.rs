@@ -416,6 +416,87 @@ fn each_command_completions_offer_its_options() {
     }
 }
 
+/// Runs `shell ARGS`; `None` (with a visible notice) when the shell is
+/// not installed (.ci/run installs zsh and fish).
+fn shell(shell: &str, args: &[&str]) -> Option<String> {
+    match Command::new(shell).args(args).output() {
+        Ok(out) => {
+            assert!(
+                out.status.success(),
+                "{shell} {args:?}: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Some(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+        Err(e) => {
+            crate::common::skipped("completions_work_in_their_shells", &format!("{shell}: {e}"));
+            None
+        }
+    }
+}
+
+/// The completion files parse in their shells, and bash and fish, asked
+/// to complete `containerflip CMD --`, offer exactly the long options of
+/// `CMD --help` (and the commands after `containerflip`).
+#[test]
+fn completions_work_in_their_shells() {
+    let dir = root().join("contrib/completions");
+    let file = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    shell("zsh", &["-n", &file("_containerflip")]);
+    shell("fish", &["--no-execute", &file("containerflip.fish")]);
+    let bash = file("containerflip.bash");
+    shell("bash", &["-n", &bash]).expect("bash is needed");
+    let fish = file("containerflip.fish");
+    let have_fish = Command::new("fish").arg("--version").output().is_ok();
+    for cmd in commands() {
+        let name = cmd.unwrap_or("containerflip alone");
+        let line = match cmd {
+            Some(c) => format!("containerflip {c} --"),
+            None => "containerflip --".to_string(),
+        };
+        let longs: BTreeSet<String> = help_options(cmd)
+            .into_iter()
+            .filter(|o| o.starts_with("--"))
+            .collect();
+        let script = format!(
+            "source {bash}; COMP_WORDS=({line}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             _containerflip; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+        );
+        let offered: BTreeSet<String> = shell("bash", &["-c", &script])
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert_same(&format!("bash completing `{line}`"), &longs, &offered);
+        if have_fish {
+            let script = format!("source {fish}; complete -C '{line}'");
+            let offered: BTreeSet<String> = shell("fish", &["-c", &script])
+                .unwrap()
+                .lines()
+                .map(|l| l.split('\t').next().unwrap().to_string())
+                .collect();
+            assert_same(
+                &format!("fish completing `{line}`, {name}"),
+                &longs,
+                &offered,
+            );
+        }
+    }
+    // After the program name alone: the commands.
+    let script = format!(
+        "source {bash}; COMP_WORDS=(containerflip ''); COMP_CWORD=1; _containerflip; \
+         printf '%s\\n' \"${{COMPREPLY[@]}}\""
+    );
+    let offered = shell("bash", &["-c", &script]).unwrap();
+    for c in commands().into_iter().flatten() {
+        assert!(
+            offered.lines().any(|l| l == c),
+            "bash does not offer {c}: {offered}"
+        );
+    }
+}
+
 #[test]
 fn man_page_renders_without_warnings() {
     let out = Command::new("groff")
