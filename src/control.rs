@@ -41,8 +41,14 @@ pub const MAX_REQUEST: usize = 256 * 1024;
 pub const MAX_ARGS: usize = 4096;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_OUTPUT: usize = 1024 * 1024;
-/// Connections served at once; more wait in the listen backlog.
+/// Connections served at once. One more makes room by closing the oldest
+/// client that has been connected for [`EVICT_AFTER`] without sending a
+/// complete request, so silent clients never lock out `status` for long;
+/// with none of those, more wait in the backlog.
 pub const MAX_CLIENTS: usize = 128;
+/// How long a client may send nothing useful before it may be closed to
+/// make room (a real client sends its request at once).
+pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 /// Clients waiting on a deploy, rollback or stop at once; more are
 /// answered with an error, so that `status` always finds a slot.
 pub const MAX_WAITING: usize = 64;
@@ -205,6 +211,7 @@ struct Client {
     output: Vec<u8>,
     phase: Phase,
     deadline: Option<Instant>,
+    connected: Instant,
     /// The client shut down its sending side after its request (`nc -N`,
     /// socat): it still reads the answer.
     read_shut: bool,
@@ -219,6 +226,9 @@ pub struct Control {
     paused_until: Option<Instant>,
     /// EMFILE was logged; quiet until an accept works again.
     accept_failing: bool,
+    /// Whether a connection could be accepted, as of the last `expire`
+    /// (which the event loop calls every turn).
+    room: bool,
 }
 
 impl Drop for Control {
@@ -260,6 +270,7 @@ impl Control {
             clients: Vec::new(),
             next_id: 1,
             paused_until: None,
+            room: true,
             accept_failing: false,
         };
         net::listen(&c.fd, 256)
@@ -272,7 +283,7 @@ impl Control {
     }
 
     pub fn poll_fds(&self) -> impl Iterator<Item = (BorrowedFd<'_>, PollFlags)> + '_ {
-        let accepting = self.clients.len() < MAX_CLIENTS && self.paused_until.is_none();
+        let accepting = self.room && self.paused_until.is_none();
         let listen = accepting.then(|| (self.fd.as_fd(), PollFlags::IN));
         listen.into_iter().chain(self.clients.iter().map(|c| {
             let mut flags = PollFlags::empty();
@@ -289,10 +300,18 @@ impl Control {
     }
 
     pub fn deadline(&self) -> Option<Instant> {
+        // Full: wake when the oldest silent client may be closed for room.
+        let room_at = (!self.room)
+            .then(|| {
+                self.oldest_reading()
+                    .map(|i| self.clients[i].connected + EVICT_AFTER)
+            })
+            .flatten();
         self.clients
             .iter()
             .filter_map(|c| c.deadline)
             .chain(self.paused_until)
+            .chain(room_at)
             .min()
     }
 
@@ -305,7 +324,7 @@ impl Control {
     ) -> Vec<(ClientId, Request)> {
         let mut out = Vec::new();
         if fd == self.fd.as_raw_fd() {
-            self.accept(now);
+            self.accept(now, &mut out);
             return out;
         }
         let Some(i) = self.clients.iter().position(|c| c.fd.as_raw_fd() == fd) else {
@@ -325,8 +344,61 @@ impl Control {
         out
     }
 
-    fn accept(&mut self, now: Instant) {
-        while self.clients.len() < MAX_CLIENTS {
+    /// Room for one more client, making it if need be (`evict`).
+    fn has_room(&self, now: Instant) -> bool {
+        self.clients.len() < MAX_CLIENTS
+            || self
+                .oldest_reading()
+                .is_some_and(|i| self.clients[i].connected + EVICT_AFTER <= now)
+    }
+
+    /// The longest-connected client still sending its request.
+    fn oldest_reading(&self) -> Option<usize> {
+        self.clients
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.phase == Phase::Reading)
+            .min_by_key(|(_, c)| c.id)
+            .map(|(i, _)| i)
+    }
+
+    /// Over the limit: close the oldest client without a request. What it
+    /// has sent is read first: a request that is complete is served, not
+    /// evicted (it arrived before we got to it). Logged with -v only: a
+    /// flood of connections must not flood the log.
+    fn evict(&mut self, now: Instant, out: &mut Vec<(ClientId, Request)>) {
+        while self.clients.len() > MAX_CLIENTS {
+            let Some(i) = self
+                .oldest_reading()
+                .filter(|&i| self.clients[i].connected + EVICT_AFTER <= now)
+            else {
+                return;
+            };
+            if let Some(req) = self.read(i, false) {
+                out.push((self.clients[i].id, req));
+                continue;
+            }
+            if self.clients[i].phase != Phase::Reading {
+                // Gone, or refused by `read`: no longer a candidate.
+                self.clients
+                    .retain(|c| !(c.phase == Phase::Closing && c.output.is_empty()));
+                continue;
+            }
+            let c = self.clients.remove(i);
+            debug!("control client closed to make room: {MAX_CLIENTS} connections");
+            let msg = format!(
+                "error too many connections ({MAX_CLIENTS}); closed the oldest one without a request\n"
+            );
+            let _ = net::send(
+                &c.fd,
+                msg.as_bytes(),
+                SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+            );
+        }
+    }
+
+    fn accept(&mut self, now: Instant, out: &mut Vec<(ClientId, Request)>) {
+        while self.has_room(now) {
             let fd = match net::accept_with(&self.fd, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
             {
                 Ok(fd) => fd,
@@ -376,8 +448,10 @@ impl Control {
                 output: Vec::new(),
                 phase: Phase::Reading,
                 deadline: Some(now + REQUEST_TIMEOUT),
+                connected: now,
                 read_shut: false,
             });
+            self.evict(now, out);
         }
     }
 
@@ -488,6 +562,7 @@ impl Control {
         }
         self.clients
             .retain(|c| !(c.phase == Phase::Closing && c.output.is_empty()));
+        self.room = self.has_room(now);
     }
 
     /// Queue a `progress` line for a waiting client.
