@@ -497,6 +497,124 @@ fn completions_work_in_their_shells() {
     }
 }
 
+/// `option -> "[default: X]"` of `containerflip CMD --help` (entries
+/// joined across their continuation lines).
+fn help_defaults(cmd: &str) -> Vec<(String, String)> {
+    let text = help(&[cmd, "--help"]);
+    let block = text.split_once("\nOptions:\n").unwrap().1;
+    let block = block.split("\n\n").next().unwrap();
+    let mut entries: Vec<String> = Vec::new();
+    for line in block.lines() {
+        if line.trim_start().starts_with('-') {
+            entries.push(line.to_string());
+        } else if let Some(last) = entries.last_mut() {
+            last.push(' ');
+            last.push_str(line.trim());
+        }
+    }
+    entries
+        .iter()
+        .filter_map(|e| {
+            let value = e.split_once("[default: ")?.1.split_once(']')?.0;
+            let opt = long_options(e.split("  ").find(|c| !c.trim().is_empty())?)
+                .into_iter()
+                .next()?;
+            Some((opt, value.to_string()))
+        })
+        .collect()
+}
+
+/// The OPTIONS items of the rendered man page under `.SS sub`: the
+/// heading line and the body as one line of words.
+fn rendered_items(sub: &str) -> Vec<(String, String)> {
+    let out = Command::new("groff")
+        .args([
+            "-man",
+            "-Tascii",
+            "-P-c",
+            "-P-b",
+            "-P-u",
+            "-P-o",
+            "-rLL=300n",
+        ])
+        .arg(root().join("man/containerflip.1"))
+        .output()
+        .expect("groff renders the man page");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let section = text.split_once("\nOPTIONS\n").expect("OPTIONS").1;
+    let mut items = Vec::new();
+    let mut in_sub = false;
+    for line in section.lines() {
+        if !line.starts_with(' ') && !line.is_empty() {
+            break; // the next .SH
+        }
+        if line.starts_with("   ") && !line.starts_with("    ") {
+            in_sub = line.trim() == sub;
+            continue;
+        }
+        if !in_sub {
+            continue;
+        }
+        if line.starts_with("       -") {
+            items.push((line.trim().to_string(), String::new()));
+        } else if let Some((_, body)) = items.last_mut() {
+            body.push(' ');
+            body.push_str(line.trim());
+        }
+    }
+    items
+        .into_iter()
+        .map(|(h, b)| (h, b.split_whitespace().collect::<Vec<_>>().join(" ")))
+        .collect()
+}
+
+/// Every `[default: X]` of `run --help` is the default the man page gives
+/// (`Default X` or `(X, the default)`), and every default the man page
+/// states that way is in --help.
+#[test]
+fn run_defaults_agree_between_help_and_man_page() {
+    let help = help_defaults("run");
+    assert!(help.len() >= 6, "defaults parsed from run --help: {help:?}");
+    let man = rendered_items("run");
+    assert!(man.len() >= 10, "items rendered under run: {man:?}");
+    let says = |body: &str, v: &str| {
+        body.contains(&format!("Default {v}")) || body.contains(&format!("({v}, the default)"))
+    };
+    for (opt, value) in &help {
+        if value.starts_with("see ") {
+            continue;
+        }
+        let (head, body) = man
+            .iter()
+            .find(|(h, _)| long_options(h).contains(opt))
+            .unwrap_or_else(|| panic!("{opt} is not an item of the man page's run options"));
+        assert!(
+            says(body, value),
+            "--help says {opt} defaults to {value}; the man page's {head:?} says: {body}"
+        );
+    }
+    for (head, body) in &man {
+        let stated = body.split_once("Default ").map(|(_, r)| r).or_else(|| {
+            body.split_once(", the default)")
+                .map(|(l, _)| l.rsplit('(').next().unwrap())
+        });
+        let Some(stated) = stated else { continue };
+        if stated.starts_with(':') {
+            continue; // "Default: none." is not a [default: ...] in --help
+        }
+        let value = stated
+            .split(|c: char| c == ';' || c == ',' || c.is_whitespace())
+            .next()
+            .unwrap()
+            .trim_end_matches('.');
+        assert!(
+            help.iter()
+                .any(|(o, v)| v == value && long_options(head).contains(o)),
+            "the man page's {head:?} says the default is {value:?}; run --help does not: {help:?}"
+        );
+    }
+}
+
 #[test]
 fn man_page_renders_without_warnings() {
     let out = Command::new("groff")
