@@ -617,13 +617,14 @@ fn reload_as_the_contrib_unit_does_it() {
     assert_eq!(ok.code(), 0, "ExecReload=: {:?}", ok.lines());
     assert!(ok.last().contains("gen 2"), "{:?}", ok.lines());
     sup.wait_line("ignoring SIGCONT");
+    sup.wait_gen(1, "exited");
     assert_eq!(served_gen(sup.listen_addr()), 2);
 
     write_file(&env_file, "WORKER_EXIT_BEFORE_READY=1\n");
     let failed = reload(&mut log);
     assert_eq!(failed.code(), 1, "ExecReload=: {:?}", failed.lines());
     assert!(failed.last().contains("gen 3"), "{:?}", failed.lines());
-    assert_eq!(sup.count("ignoring SIGCONT"), 2);
+    sup.wait_for_nth("the second SIGCONT", 2, |l| l.contains("ignoring SIGCONT"));
     // Two reloads, two deploys: gen 2 serves, gen 3 failed, no gen 4.
     assert_eq!(served_gen(sup.listen_addr()), 2);
     let json = run_client(client_cmd_at(Path::new(&control), "status", &["--json"])).stdout;
