@@ -302,10 +302,7 @@ impl Control {
     pub fn deadline(&self) -> Option<Instant> {
         // Full: wake when the oldest silent client may be closed for room.
         let room_at = (!self.room)
-            .then(|| {
-                self.oldest_reading()
-                    .map(|i| self.clients[i].connected + EVICT_AFTER)
-            })
+            .then(|| self.eviction_candidate().map(|(_, at)| at))
             .flatten();
         self.clients
             .iter()
@@ -347,19 +344,18 @@ impl Control {
     /// Room for one more client, making it if need be (`evict`).
     fn has_room(&self, now: Instant) -> bool {
         self.clients.len() < MAX_CLIENTS
-            || self
-                .oldest_reading()
-                .is_some_and(|i| self.clients[i].connected + EVICT_AFTER <= now)
+            || self.eviction_candidate().is_some_and(|(_, at)| at <= now)
     }
 
-    /// The longest-connected client still sending its request.
-    fn oldest_reading(&self) -> Option<usize> {
+    /// The longest-connected client still sending its request, and from
+    /// when it may be closed to make room.
+    fn eviction_candidate(&self) -> Option<(usize, Instant)> {
         self.clients
             .iter()
             .enumerate()
             .filter(|(_, c)| c.phase == Phase::Reading)
             .min_by_key(|(_, c)| c.id)
-            .map(|(i, _)| i)
+            .map(|(i, c)| (i, c.connected + EVICT_AFTER))
     }
 
     /// Over the limit: close the oldest client without a request. What it
@@ -368,10 +364,7 @@ impl Control {
     /// flood of connections must not flood the log.
     fn evict(&mut self, now: Instant, out: &mut Vec<(ClientId, Request)>) {
         while self.clients.len() > MAX_CLIENTS {
-            let Some(i) = self
-                .oldest_reading()
-                .filter(|&i| self.clients[i].connected + EVICT_AFTER <= now)
-            else {
+            let Some((i, _)) = self.eviction_candidate().filter(|&(_, at)| at <= now) else {
                 return;
             };
             if let Some(req) = self.read(i, false) {

@@ -519,9 +519,7 @@ impl Supervisor {
         self.next_gen += 1;
         // Before anything can fail: a deploy that fails before its worker
         // exists (env file, socket, fork) still ends with READY=1 upstream.
-        if self.booted
-            && let Some(u) = &self.upstream
-        {
+        if let Some(u) = self.upstream_booted() {
             u.reloading();
         }
         let notify_path = self.rundir.path().join(format!("notify.{n}"));
@@ -716,9 +714,7 @@ impl Supervisor {
             false,
             &format!("deploy of gen {n} failed: {reason}"),
         );
-        if let Some(u) = &self.upstream
-            && self.booted
-        {
+        if let Some(u) = self.upstream_booted() {
             let serving = self
                 .active
                 .and_then(|a| self.gens.iter().find(|g| g.n == a));
@@ -773,6 +769,12 @@ impl Supervisor {
             self.tag(failed),
             format_duration(wait)
         );
+    }
+
+    /// The service manager to tell about deploys: only once the first
+    /// generation was ready (before that, systemd is still starting us).
+    fn upstream_booted(&self) -> Option<&Upstream> {
+        self.upstream.as_ref().filter(|_| self.booted)
     }
 
     /// The current restart backoff, doubled (up to 10 s) for next time.
@@ -1080,22 +1082,19 @@ impl Supervisor {
             self.backoff = BACKOFF_MIN;
         }
         let status = match &self.deploy {
-            Some(d) => {
-                warn!("{tag} crashed ({exit}); gen {} is already starting", d.n);
-                format!("{tag} crashed ({exit}); gen {} is starting", d.n)
-            }
+            Some(d) => format!("{tag} crashed ({exit}); gen {} is already starting", d.n),
             None => {
                 let wait = self.take_backoff();
                 self.restart_at = Some(now + wait);
-                let wait = format_duration(wait);
-                warn!("{tag} crashed ({exit}); restarting in {wait}");
-                format!("{tag} crashed ({exit}); restarting in {wait}")
+                format!(
+                    "{tag} crashed ({exit}); restarting in {}",
+                    format_duration(wait)
+                )
             }
         };
+        warn!("{status}");
         // systemd's view must not keep naming the generation that died.
-        if let Some(u) = &self.upstream
-            && self.booted
-        {
+        if let Some(u) = self.upstream_booted() {
             u.send(&format!("STATUS={status}"));
         }
     }
