@@ -386,6 +386,32 @@ fn recv_until(sock: &UnixDatagram, flag: &str, log: &mut Vec<String>) -> String 
     }
 }
 
+/// The MONOTONIC_USEC= of a RELOADING=1 datagram.
+fn monotonic_of(reloading: &str) -> u64 {
+    reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("RELOADING=1 without a numeric MONOTONIC_USEC: {reloading:?}"))
+}
+
+/// Acts as systemd with a datagram socket at DIR/systemd-notify.sock:
+/// starts `run RUN_ARGS` with it as NOTIFY_SOCKET and returns both.
+fn under_systemd(dir: &TempDir, run_args: &[&str]) -> (UnixDatagram, Supervisor) {
+    let path = dir.join("systemd-notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind our notify socket");
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+    let sup = Supervisor::start(
+        dir,
+        run_args,
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("RUNTIME_DIRECTORY", dir.str()),
+        ],
+    );
+    (sock, sup)
+}
+
 /// Acts as systemd: `sock` is bound at `notify_socket`, which the
 /// supervisor gets as `NOTIFY_SOCKET`.
 fn speaks_sd_notify_upward(dir: &TempDir, sock: UnixDatagram, notify_socket: &str) {
@@ -429,12 +455,7 @@ fn speaks_sd_notify_upward(dir: &TempDir, sock: UnixDatagram, notify_socket: &st
     sup.signal(libc::SIGHUP);
     let reloading = recv_until(&sock, "RELOADING", &mut log);
     let after = monotonic_usec();
-    let usec: u64 = reloading
-        .lines()
-        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
-        .unwrap_or_else(|| panic!("RELOADING=1 without MONOTONIC_USEC: {reloading:?}"))
-        .parse()
-        .expect("MONOTONIC_USEC is a number");
+    let usec = monotonic_of(&reloading);
     assert!(
         (before..=after).contains(&usec),
         "MONOTONIC_USEC={usec} is CLOCK_MONOTONIC at the deploy's start \
@@ -515,18 +536,8 @@ fn notify_socket_abstract_gets_ready_reloading_ready_stopping() {
 #[test]
 fn a_crash_shows_in_the_upstream_status() {
     let dir = TempDir::new("sdcrash");
-    let path = dir.join("systemd-notify.sock");
-    let sock = UnixDatagram::bind(&path).expect("bind our notify socket");
-    sock.set_read_timeout(Some(DEADLINE)).unwrap();
     let control = control_path(&dir);
-    let sup = Supervisor::start(
-        &dir,
-        &run_args(&control, &[]),
-        &[
-            ("NOTIFY_SOCKET", path.to_str().unwrap()),
-            ("RUNTIME_DIRECTORY", dir.str()),
-        ],
-    );
+    let (sock, sup) = under_systemd(&dir, &run_args(&control, &[]));
     let mut log = Vec::new();
     recv_until(&sock, "READY", &mut log);
     let w1 = sup.wait_ready(1);
@@ -573,21 +584,14 @@ fn reload_as_the_contrib_unit_does_it() {
         "ExecReload= deploys: {exec_reload:?}"
     );
 
-    let sock_path = dir.join("systemd-notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).expect("bind our notify socket");
-    sock.set_read_timeout(Some(DEADLINE)).unwrap();
     let env_file = dir.join("worker.env");
     write_file(&env_file, "");
-    let sup = Supervisor::start(
+    let (sock, sup) = under_systemd(
         &dir,
         &run_args(
             &control,
             &["--verbose", "--env-file", env_file.to_str().unwrap()],
         ),
-        &[
-            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
-            ("RUNTIME_DIRECTORY", dir.str()),
-        ],
     );
     let mut log = Vec::new();
     recv_until(&sock, "READY", &mut log);
@@ -600,11 +604,7 @@ fn reload_as_the_contrib_unit_does_it() {
         cmd.args(&exec_reload[1..]);
         let out = run_client(cmd);
         let reloading = recv_until(&sock, "RELOADING", log);
-        let usec: u64 = reloading
-            .lines()
-            .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("RELOADING=1 without MONOTONIC_USEC: {reloading:?}"));
+        let usec = monotonic_of(&reloading);
         assert!(
             usec >= begin,
             "MONOTONIC_USEC={usec} is before the reload began ({begin})"
