@@ -188,7 +188,10 @@ fn errno_is_logged() {
 #[test]
 fn ready_from_another_uid_is_refused() {
     if !is_root() {
-        println!("skipped: needs root to send as another uid");
+        skipped(
+            "ready_from_another_uid_is_refused",
+            "needs root to send as another uid",
+        );
         return;
     }
     let dir = TempDir::new("notify-uid");

@@ -3,7 +3,8 @@
 //! the supervisor, the backlog given to listen(2), and the life cycle of a
 //! unix socket file (a stale one replaced, a live one refused, removed at
 //! exit). Tests that need something the host may lack (IPv6 loopback, `ss`)
-//! say so on stdout and pass.
+//! say so on stderr (SKIPPED …, visible even under the test harness) and
+//! pass.
 
 use std::io::BufReader;
 use std::net::{SocketAddr, TcpListener};
@@ -54,7 +55,10 @@ fn start_on_free_port(dir: &TempDir, form: impl Fn(u16) -> String) -> (Superviso
 #[test]
 fn port_and_colon_port_listen_dual_stack() {
     if !have_ipv6_loopback() {
-        println!("skipped: no IPv6 loopback on this host");
+        skipped(
+            "port_and_colon_port_listen_dual_stack",
+            "no IPv6 loopback on this host",
+        );
         return;
     }
     for form in ["PORT", ":PORT"] {
@@ -78,7 +82,7 @@ fn port_and_colon_port_listen_dual_stack() {
 #[test]
 fn ipv6_loopback_port_zero() {
     if !have_ipv6_loopback() {
-        println!("skipped: no IPv6 loopback on this host");
+        skipped("ipv6_loopback_port_zero", "no IPv6 loopback on this host");
         return;
     }
     let dir = TempDir::new("v6");
