@@ -6,6 +6,13 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// The longest file name created inside: the notify socket of the last
+/// possible generation (`notify.{n}` in the supervisor).
+pub const LONGEST_NAME: &str = "notify.18446744073709551615";
+
+/// sun_path is 108 bytes; sd_notify clients expect a terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
 pub struct RunDir {
     path: PathBuf,
 }
@@ -18,6 +25,22 @@ impl RunDir {
     pub fn create() -> Result<RunDir> {
         let base = base_dir();
         let pid = std::process::id();
+        // The longest name inside must still fit in sockaddr_un, or deploys
+        // would start failing at generation 10, 100, 1000...: refuse now.
+        let longest = base
+            .join(format!("containerflip.{}.99", u32::MAX))
+            .join(LONGEST_NAME);
+        let len = longest.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(Error::msg(
+                format!("use {} as the runtime directory", base.display()),
+                format!(
+                    "notify socket paths in it would be up to {len} bytes long, over the \
+                     {MAX_SOCKET_PATH} of an AF_UNIX address; point RUNTIME_DIRECTORY or \
+                     XDG_RUNTIME_DIR at a shorter directory"
+                ),
+            ));
+        }
         let mut last = None;
         for attempt in 0..100 {
             let name = match attempt {

@@ -1517,6 +1517,33 @@ fn bind_error_names_the_address_and_exits_one() {
     );
 }
 
+/// A runtime directory so deep that the notify socket of a late generation
+/// would not fit in an AF_UNIX address is refused at start, before any
+/// worker runs, rather than failing deploys from generation 10 or 100 on.
+#[test]
+fn a_runtime_directory_too_long_for_socket_paths_is_refused_at_start() {
+    let dir = TempDir::new("longrt");
+    let mut deep = dir.path().to_path_buf();
+    while deep.as_os_str().len() < 90 {
+        deep.push("d".repeat(20));
+    }
+    fs::create_dir_all(&deep).unwrap();
+    let mut sup = Supervisor::start(
+        &dir,
+        &["--listen", "127.0.0.1:0", "--", worker()],
+        &[("RUNTIME_DIRECTORY", deep.to_str().unwrap())],
+    );
+    let status = sup.wait_exit();
+    assert_eq!(status.code(), Some(1), "{status}");
+    let lines = sup.lines();
+    assert!(
+        lines.iter().any(|l| l.contains(deep.to_str().unwrap())
+            && l.contains("over the 107 of an AF_UNIX address")),
+        "{lines:?}"
+    );
+    assert_eq!(sup.count(" spawned"), 0, "a worker was started");
+}
+
 /// Writing to a pipe nobody reads never turns into a panic (with
 /// `panic = "abort"`, a SIGABRT): usage errors, printed while SIGPIPE is
 /// still blocked, keep exit status 2; client commands restore SIGPIPE's
