@@ -61,6 +61,9 @@ pub enum Event {
     Malformed(String),
     /// A sender with another uid.
     Denied(u32),
+    /// This many stream connections were closed after [`STREAM_IDLE`] of
+    /// silence (what they had sent was parsed first).
+    IdleClosed(usize),
 }
 
 /// Parse one datagram or one stream line batch. A chunk with NUL bytes or
@@ -255,13 +258,20 @@ impl NotifySocket {
             self.paused_until = None;
         }
         let before = self.streams.len();
-        self.streams.retain(|s| s.deadline > now);
+        self.streams.retain_mut(|s| {
+            if s.deadline > now {
+                return true;
+            }
+            // Closed for silence is closed: what came before counts, as at
+            // EOF (sd_notify senders write no final newline).
+            let rest = std::mem::take(&mut s.buf);
+            if !rest.is_empty() {
+                parse(&rest, out);
+            }
+            false
+        });
         if self.streams.len() < before {
-            out.push(Event::Malformed(format!(
-                "closed {} notify connection(s) silent for {}s",
-                before - self.streams.len(),
-                STREAM_IDLE.as_secs()
-            )));
+            out.push(Event::IdleClosed(before - self.streams.len()));
         }
     }
 

@@ -876,6 +876,11 @@ impl Supervisor {
                     );
                 }
             }
+            Event::IdleClosed(count) => info!(
+                "{} closed {count} notify connection(s) silent for {}s",
+                g.tag(),
+                crate::notify::STREAM_IDLE.as_secs()
+            ),
             Event::Denied(uid) => {
                 if !g.noisy {
                     g.noisy = true;

@@ -721,6 +721,12 @@ fn notify_stream_abuse_changes_nothing() {
         matches!(got, Ok(0)),
         "a silent notify connection was not closed (EOF): {got:?}"
     );
+    // What it sent without a final newline counts, as it would at EOF.
+    sup.wait_line(&format!("gen 1 pid {p1} STATUS=never closed"));
+    sup.wait_for("the idle close logged", |l| {
+        l.starts_with(&format!("containerflip: gen 1 pid {p1} closed "))
+            && l.ends_with(" notify connection(s) silent for 5s")
+    });
 
     // Deploys still work (gen 2 has its own socket), gen 1 leaves cleanly
     // and takes its connections with it.
@@ -739,6 +745,30 @@ fn notify_stream_abuse_changes_nothing() {
     drop(silent);
     sup.signal(libc::SIGTERM);
     assert!(sup.wait_exit().success());
+}
+
+/// sd_notify senders write no final newline: a stream sender that writes
+/// `READY=1` and then holds the connection open is ready once the
+/// connection is closed for silence.
+#[test]
+fn stream_ready_without_newline_counts_when_closed_for_silence() {
+    let dir = TempDir::new("streamnonl");
+    let sup = Supervisor::start(
+        &dir,
+        &worker_args(&["--notify-mode", "stream"]),
+        &[("WORKER_NO_READY", "1")],
+    );
+    let addr = sup.listen_addr();
+    let (p1, _) = sup.wait_gen(1, "spawned");
+    let sock = start_record(&sup.records, p1)
+        .must("env.NOTIFY_SOCKET")
+        .to_string();
+    let mut held = UnixStream::connect(&sock).unwrap();
+    held.write_all(b"READY=1").unwrap();
+    assert_eq!(sup.wait_ready(1), p1);
+    assert_eq!(served_gen(addr), 1);
+    assert_eq!(sup.count("bad notify message"), 0, "{:?}", sup.lines());
+    drop(held);
 }
 
 // ---------------------------------------------------------------------------
