@@ -135,24 +135,34 @@ pub struct Inherited {
     pub names: Vec<String>,
 }
 
+/// More inherited sockets than this is a broken environment, not a
+/// service: say so rather than walk the whole fd space.
+const MAX_INHERITED: i32 = 4096;
+
 impl Inherited {
     /// Read (not yet adopt) what systemd passed to this very process.
-    pub fn from_env() -> Inherited {
+    pub fn from_env() -> Result<Inherited> {
         let pid = std::env::var("LISTEN_PID")
             .ok()
             .and_then(|p| p.parse::<i32>().ok());
         if pid != Some(rustix::process::getpid().as_raw_nonzero().get()) {
-            return Inherited::default();
+            return Ok(Inherited::default());
         }
         let count = std::env::var("LISTEN_FDS")
             .ok()
             .and_then(|n| n.parse::<i32>().ok())
             .filter(|n| *n > 0)
             .unwrap_or(0);
+        if count > MAX_INHERITED {
+            return Err(Error::msg(
+                format!("adopt LISTEN_FDS={count}"),
+                format!("more than the {MAX_INHERITED} inherited sockets supported"),
+            ));
+        }
         let names = std::env::var("LISTEN_FDNAMES")
             .map(|n| n.split(':').map(str::to_string).collect())
             .unwrap_or_default();
-        Inherited { count, names }
+        Ok(Inherited { count, names })
     }
 
     fn name_of(&self, fd: RawFd) -> Option<&str> {

@@ -15,7 +15,7 @@ use crate::{debug, info, log, sys, warn};
 /// Run the supervisor; returns the process exit status.
 pub fn run(mut cfg: RunConfig) -> i32 {
     log::set_level(cfg.verbosity);
-    if cfg.listen.is_empty() && Inherited::from_env().count == 0 {
+    if cfg.listen.is_empty() && Inherited::from_env().is_ok_and(|i| i.count == 0) {
         // SPEC §2: a usage error, though only the environment tells.
         log::line(format_args!(
             "{}",
@@ -52,7 +52,7 @@ fn start(cfg: &mut RunConfig) -> Result<Parts, Error> {
     )
     .map_err(|e| Error::os("use pidfd_open (containerflip needs Linux 5.3 or later)", e))?;
 
-    let inherited = Inherited::from_env();
+    let inherited = Inherited::from_env()?;
     let specs = if cfg.listen.is_empty() {
         inherited.specs()
     } else {

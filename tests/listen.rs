@@ -181,6 +181,27 @@ fn inherited_fd_is_adopted_and_served() {
     drop(listener);
 }
 
+/// A LISTEN_FDS addressed to the supervisor that no process could hold is
+/// one clear fatal line (exit 1), not an attempt to walk the fd space.
+#[test]
+fn an_absurd_listen_fds_is_one_fatal_line() {
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "export LISTEN_PID=$$ LISTEN_FDS=2147483647; exec \"$0\" run -- true",
+            bin(),
+        ])
+        .env_remove("CONTAINERFLIP_CONTROL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "containerflip: fatal: unable to adopt LISTEN_FDS=2147483647: \
+         more than the 4096 inherited sockets supported\n"
+    );
+}
+
 /// The Send-Q column of `ss -ltnH sport = :PORT`: a listener's backlog.
 fn ss_backlog(port: u16) -> Option<u32> {
     let out = Command::new("ss")
