@@ -286,6 +286,13 @@ fn parse_run(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
                         "--stop-signal: expected a signal name or number, got '{v}'"
                     ))
                 })?;
+                if !signals::ends_by_default(c.stop_signal) {
+                    return Err(Usage(format!(
+                        "--stop-signal: {} does not end a process that leaves it unhandled \
+                         (it is ignored or stops it by default)",
+                        signals::name(c.stop_signal)
+                    )));
+                }
             }
             Long("on-crash") => {
                 c.on_crash = match string(&mut p, "--on-crash")?.as_str() {

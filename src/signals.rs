@@ -52,6 +52,23 @@ pub fn name(sig: i32) -> String {
     }
 }
 
+/// Whether a process that does not handle `sig` is ended by it. The
+/// others are ignored (CHLD, CONT, URG, WINCH) or stop the process (STOP,
+/// TSTP, TTIN, TTOU) by default, so they cannot be a stop signal.
+pub fn ends_by_default(sig: i32) -> bool {
+    ![
+        libc::SIGCHLD,
+        libc::SIGCONT,
+        libc::SIGSTOP,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+        libc::SIGURG,
+        libc::SIGWINCH,
+    ]
+    .contains(&sig)
+}
+
 /// Parse `TERM`, `SIGTERM`, `term` or `15`.
 pub fn parse(s: &str) -> Option<i32> {
     if let Ok(n) = s.parse::<i32>() {

@@ -250,16 +250,16 @@ fn pid1_in_a_pid_namespace_reaps_orphans_deploys_and_stops_on_term() {
 fn daemonized_grandchildren_are_reaped_and_killed_at_the_stop_deadline() {
     let dir = TempDir::new("subreap");
     let control = control_path(&dir);
-    // SIGWINCH as the stop signal: the probe's daemon keeps its default
-    // disposition for it, which is to ignore it, so only the SIGKILL at the
-    // drain deadline can end it. (The worker records it and carries on too.)
+    // The daemon (and the worker) record SIGTERM and carry on, so only the
+    // SIGKILL at the drain deadline can end them.
     let mut sup = Supervisor::start(
         &dir,
-        &run_args(
-            &control,
-            &["--drain-timeout", "1s", "--stop-signal", "WINCH"],
-        ),
-        &[("WORKER_SPAWN", "daemon"), ("RUNTIME_DIRECTORY", dir.str())],
+        &run_args(&control, &["--drain-timeout", "1s"]),
+        &[
+            ("WORKER_SPAWN", "daemon"),
+            ("WORKER_IGNORE_TERM", "1"),
+            ("RUNTIME_DIRECTORY", dir.str()),
+        ],
     );
     let w1 = sup.wait_ready(1);
     let d1 = grandchild(&sup.records, w1);
@@ -292,7 +292,8 @@ fn daemonized_grandchildren_are_reaped_and_killed_at_the_stop_deadline() {
     // the stop signal) and this wait would fail.
     let same = || stat_field(d2, 22).as_ref() == Some(&start_time);
     wait_until("the daemon to die", || !(same() && alive(d2)));
-    wait_event(&sup.records, w2, "signal 28");
+    wait_event(&sup.records, w2, "signal 15");
+    wait_event(&sup.records, d2, "signal 15");
 }
 
 /// SPEC §7: a stop waits *up to* the drain timeout. A daemon that obeys

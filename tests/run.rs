@@ -1658,6 +1658,10 @@ fn usage_errors_exit_two_with_one_line() {
             "--stop-signal",
         ),
         (
+            vec!["--listen", "127.0.0.1:0", "--stop-signal", "CHLD", "--", w],
+            "--stop-signal: SIGCHLD does not end a process",
+        ),
+        (
             vec!["--listen", "127.0.0.1:0", "--on-crash", "panic", "--", w],
             "--on-crash",
         ),

@@ -14,7 +14,7 @@ _containerflip() {
     case $prev in
         --notify-mode) COMPREPLY=($(compgen -W "dgram stream" -- "$cur")); return ;;
         --on-crash) COMPREPLY=($(compgen -W "restart exit" -- "$cur")); return ;;
-        --stop-signal) COMPREPLY=($(compgen -W "TERM INT QUIT HUP USR1 USR2 WINCH" -- "$cur")); return ;;
+        --stop-signal) COMPREPLY=($(compgen -W "TERM INT QUIT HUP USR1 USR2" -- "$cur")); return ;;
         --control|--pidfile|--env-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         -C|--chdir) COMPREPLY=($(compgen -d -- "$cur")); return ;;
         -l|--listen|--backlog|--ready-timeout|--drain-timeout|--timeout) return ;;

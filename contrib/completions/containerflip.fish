@@ -16,7 +16,7 @@ complete -c containerflip -n "__fish_seen_subcommand_from run" -l backlog -x -d 
 complete -c containerflip -n "__fish_seen_subcommand_from run" -l notify-mode -x -a 'dgram stream' -d 'NOTIFY_SOCKET type'
 complete -c containerflip -n "__fish_seen_subcommand_from run" -l ready-timeout -x -d 'Readiness deadline (DUR)'
 complete -c containerflip -n "__fish_seen_subcommand_from run" -l drain-timeout -x -d 'Drain deadline (DUR)'
-complete -c containerflip -n "__fish_seen_subcommand_from run" -l stop-signal -x -a 'TERM INT QUIT HUP USR1 USR2 WINCH' -d 'Signal that asks a generation to drain'
+complete -c containerflip -n "__fish_seen_subcommand_from run" -l stop-signal -x -a 'TERM INT QUIT HUP USR1 USR2' -d 'Signal that asks a generation to drain'
 complete -c containerflip -n "__fish_seen_subcommand_from run" -l on-crash -x -a 'restart exit' -d 'When the active generation dies'
 complete -c containerflip -n "__fish_seen_subcommand_from run" -l pidfile -r -F -d 'Write the pid here'
 complete -c containerflip -n "__fish_seen_subcommand_from run" -s C -l chdir -x -a '(__fish_complete_directories)' -d 'Working directory of workers'
