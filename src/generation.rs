@@ -90,6 +90,8 @@ pub struct Generation {
     /// Ready deadline while starting; SIGKILL deadline while draining or
     /// failed.
     pub deadline: Option<Instant>,
+    /// EXTEND_TIMEOUT_USEC moved `deadline` away from the configured one.
+    pub extended: bool,
     /// Last `STATUS=`.
     pub status_text: Option<String>,
     /// Set once the worker is reaped.

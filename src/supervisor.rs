@@ -561,6 +561,7 @@ impl Supervisor {
             started: now,
             ready_at: None,
             deadline: self.cfg.ready_timeout.map(|t| now + t),
+            extended: false,
             status_text: None,
             exit: None,
             leaving: false,
@@ -850,6 +851,7 @@ impl Supervisor {
                     && g.deadline.is_some()
                 {
                     g.deadline = Some(now + Duration::from_micros(usec));
+                    g.extended = true;
                     if g.may_log_notify() {
                         info!(
                             "{} extended its {} deadline by {}",
@@ -1122,10 +1124,18 @@ impl Supervisor {
         for (n, state) in due {
             match state {
                 State::Starting => {
-                    let t = self
-                        .cfg
-                        .ready_timeout
-                        .map_or_else(String::new, format_duration);
+                    // The configured timeout, or, when EXTEND_TIMEOUT_USEC
+                    // moved the deadline, the time actually waited.
+                    let t = match self.gens.iter().find(|g| g.n == n) {
+                        Some(g) if g.extended => format!(
+                            "{} (EXTEND_TIMEOUT_USEC)",
+                            format_duration(now.duration_since(g.started))
+                        ),
+                        _ => self
+                            .cfg
+                            .ready_timeout
+                            .map_or_else(String::new, format_duration),
+                    };
                     self.fail_deploy(n, format!("no READY=1 within {t}"), Exit::Code(1), now);
                 }
                 State::Ready | State::Draining | State::Failed => self.kill_overdue(n),

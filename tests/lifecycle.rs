@@ -170,6 +170,24 @@ fn extend_timeout_moves_the_ready_deadline() {
     assert_eq!(served_gen(addr), 1);
 }
 
+/// A generation that misses a deadline EXTEND_TIMEOUT_USEC moved is not
+/// reported as missing the configured --ready-timeout: the reason gives the
+/// time it had and why.
+#[test]
+fn a_missed_extended_deadline_says_so() {
+    let dir = TempDir::new("extend-miss");
+    let mut sup = Supervisor::start(
+        &dir,
+        &worker_args(&["--ready-timeout", "10m"]),
+        &[("WORKER_NO_READY", "1")],
+    );
+    let (p1, _) = sup.wait_gen(1, "spawned");
+    send_dgram(&notify_socket(&sup.records, p1), b"EXTEND_TIMEOUT_USEC=1");
+    let line = sup.wait_line(&format!("gen 1 pid {p1} deploy failed: no READY=1 within "));
+    assert!(line.ends_with(" (EXTEND_TIMEOUT_USEC)"), "{line}");
+    assert_eq!(sup.wait_exit().code(), Some(1));
+}
+
 #[test]
 fn errno_is_logged() {
     let dir = TempDir::new("errno");
