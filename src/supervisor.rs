@@ -132,6 +132,8 @@ struct Stopping {
     orphan_deadline: Option<Instant>,
     /// Strays that already got the stop signal.
     signalled: Vec<i32>,
+    /// Strays that already got SIGKILL (not sent, nor logged, twice).
+    killed: Vec<i32>,
     /// Process groups that got SIGKILL: what is left in them is dying,
     /// not a stray.
     killed_groups: Vec<i32>,
@@ -449,7 +451,8 @@ impl Supervisor {
             if origin == Origin::Replace {
                 // The deploy under way replaces the leaving generation when
                 // it succeeds; if it fails, deploy_failed starts another.
-                info!("gen {} will replace the leaving generation", d.n);
+                let leaving = self.active.map_or_else(String::new, |n| self.tag(n));
+                info!("{} will replace {leaving}, which is leaving", self.tag(d.n));
                 return;
             }
             info!(
@@ -939,8 +942,10 @@ impl Supervisor {
         // when its parent died at the deadline) gets SIGKILL at once.
         let kill_now = stop.forced || now >= stop.deadline;
         let strays = orphans(&self.gens, &stop.killed_groups);
+        // A reaped pid may come back as another process: forget it.
+        stop.killed.retain(|p| strays.contains(p));
         for &pid in &strays {
-            if stop.signalled.contains(&pid) && !kill_now {
+            if stop.killed.contains(&pid) || (stop.signalled.contains(&pid) && !kill_now) {
                 continue;
             }
             let sent = if kill_now { libc::SIGKILL } else { sig };
@@ -950,6 +955,9 @@ impl Supervisor {
             );
             let _ = crate::sys::kill(pid, sent);
             stop.signalled.push(pid);
+            if sent == libc::SIGKILL {
+                stop.killed.push(pid);
+            }
         }
         stop.strays = !strays.is_empty();
         stop.orphan_deadline = (stop.strays && !kill_now).then_some(stop.deadline);
@@ -1173,8 +1181,11 @@ impl Supervisor {
             // They stay `strays` until reaped: the exit waits for that.
             stop.orphan_deadline = None;
             for pid in orphans(&self.gens, &stop.killed_groups) {
-                warn!("pid {pid} killed at drain deadline (left behind by a worker)");
-                let _ = crate::sys::kill(pid, libc::SIGKILL);
+                if !stop.killed.contains(&pid) {
+                    warn!("pid {pid} killed at drain deadline (left behind by a worker)");
+                    let _ = crate::sys::kill(pid, libc::SIGKILL);
+                    stop.killed.push(pid);
+                }
             }
         }
         if let Some(c) = self.control.as_mut() {
@@ -1275,6 +1286,7 @@ impl Supervisor {
             forced: false,
             strays: false,
             signalled: Vec::new(),
+            killed: Vec::new(),
             killed_groups: Vec::new(),
             deadline: now + drain,
             orphan_deadline: None,

@@ -522,7 +522,7 @@ fn stopping_during_a_deploy_is_covered_by_that_deploy() {
     let mut deploy = Bg::spawn(deploy_cmd(&dir, &gated(&gate, &[worker()], 0)));
     deploy.wait_line("spawned gen 2");
     send_dgram(&notify_socket(&sup.records, p1), b"STOPPING=1");
-    sup.wait_line("gen 2 will replace the leaving generation");
+    sup.wait_line(&format!(" will replace gen 1 pid {p1}, which is leaving"));
     open_gate(&gate);
     let out = deploy.finish();
     assert_eq!(out.code(), 0, "{out:?}");
@@ -549,7 +549,7 @@ fn stopping_during_a_failed_deploy_still_gets_a_replacement() {
     let mut deploy = Bg::spawn(deploy_cmd(&dir, &gated(&gate, &[], 3)));
     deploy.wait_line("spawned gen 2");
     send_dgram(&notify_socket(&sup.records, p1), b"STOPPING=1");
-    sup.wait_line("gen 2 will replace the leaving generation");
+    sup.wait_line(&format!(" will replace gen 1 pid {p1}, which is leaving"));
     open_gate(&gate);
     assert_eq!(deploy.finish().code(), 1);
     sup.wait_ready(3);

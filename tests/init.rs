@@ -294,6 +294,15 @@ fn daemonized_grandchildren_are_reaped_and_killed_at_the_stop_deadline() {
     wait_until("the daemon to die", || !(same() && alive(d2)));
     wait_event(&sup.records, w2, "signal 15");
     wait_event(&sup.records, d2, "signal 15");
+    let kills: Vec<String> = sup
+        .lines()
+        .into_iter()
+        .filter(|l| {
+            l.contains(&format!("pid {d2} "))
+                && (l.contains("killed at drain deadline") || l.contains("gets SIGKILL"))
+        })
+        .collect();
+    assert_eq!(kills.len(), 1, "one SIGKILL, said once: {:?}", sup.lines());
 }
 
 /// SPEC §7: a stop waits *up to* the drain timeout. A daemon that obeys
