@@ -87,18 +87,43 @@ pub fn stop(control: Option<PathBuf>) -> i32 {
     });
     match result {
         Ok(Outcome::Ok(text)) => {
-            if let Some(pidfd) = supervisor {
-                let mut fds = [rustix::event::PollFd::new(
-                    &pidfd,
-                    rustix::event::PollFlags::IN,
-                )];
-                while let Err(rustix::io::Errno::INTR) = rustix::event::poll(&mut fds, None) {}
+            if let Some(pidfd) = &supervisor {
+                wait_exit(pidfd, None);
             }
             // "exited with status N": the supervisor's own exit status.
             crate::log::out(&format!("supervisor {text}"));
             0
         }
+        // It closed without a word: it was already exiting (another stop,
+        // a signal). What we asked for happens; its status is not ours to
+        // hear. Bounded: a supervisor that lingers was not exiting.
+        Err((NO_SUPERVISOR, _))
+            if supervisor
+                .as_ref()
+                .is_some_and(|p| wait_exit(p, Some(Duration::from_secs(30)))) =>
+        {
+            crate::log::out("supervisor exited (it was already exiting; status not reported)");
+            0
+        }
         other => finish(other),
+    }
+}
+
+/// Wait until the process behind `pidfd` has exited; false if `limit`
+/// passed first.
+fn wait_exit(pidfd: &std::os::fd::OwnedFd, limit: Option<Duration>) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let limit = limit.map(|d| Timespec {
+        tv_sec: d.as_secs() as i64,
+        tv_nsec: d.subsec_nanos() as i64,
+    });
+    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+    loop {
+        match poll(&mut fds, limit.as_ref()) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Ok(n) => return n > 0,
+            Err(_) => return false,
+        }
     }
 }
 
@@ -191,6 +216,15 @@ fn exchange_with(
     let give_up = timeout.map(|t| (Instant::now() + t, t));
     let mut reader = BufReader::new(&stream);
     let mut line = Vec::new();
+    // Closed before a single line: the supervisor was exiting and had
+    // stopped accepting (the kernel reset what was still in its backlog).
+    let unanswered = || {
+        (
+            NO_SUPERVISOR,
+            format!("no supervisor answers at {shown}: it closed the connection without a reply"),
+        )
+    };
+    let mut replied = false;
     loop {
         if let Some((at, t)) = give_up {
             let left = at.saturating_duration_since(Instant::now());
@@ -207,6 +241,7 @@ fn exchange_with(
         }
         line.clear();
         match reader.read_until(b'\n', &mut line) {
+            Ok(0) if !replied => return Err(unanswered()),
             Ok(0) if write_error.is_some() => {
                 return Err(lost(write_error.expect("checked")));
             }
@@ -225,8 +260,12 @@ fn exchange_with(
             {
                 continue;
             }
+            Err(e) if !replied && e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(unanswered());
+            }
             Err(e) => return Err(lost(write_error.unwrap_or(e))),
         }
+        replied = true;
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches('\n');
         let (kind, rest) = text.split_once(' ').unwrap_or((text, ""));

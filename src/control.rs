@@ -479,7 +479,8 @@ impl Control {
                         c.deadline = None;
                         match parse_request(&input[..end]) {
                             Ok(req)
-                                if !matches!(req, Request::Status(_)) && waiting >= MAX_WAITING =>
+                                if !matches!(req, Request::Status(_) | Request::Stop)
+                                    && waiting >= MAX_WAITING =>
                             {
                                 let e = format!(
                                     "too many clients waiting ({MAX_WAITING}); try again later"
@@ -621,6 +622,32 @@ impl Control {
                     c.phase = Phase::Closing;
                     return;
                 }
+            }
+        }
+    }
+
+    /// At exit: answer what is already queued (connections in the backlog,
+    /// requests sent but not yet read) rather than let the close reset
+    /// them. `stop` hears the exit status; anything else, that the
+    /// supervisor is gone.
+    pub fn last_call(&mut self, now: Instant, code: i32) {
+        let mut requests = Vec::new();
+        self.accept(now, &mut requests);
+        for i in 0..self.clients.len() {
+            if self.clients[i].phase == Phase::Reading
+                && let Some(req) = self.read(i, false)
+            {
+                requests.push((self.clients[i].id, req));
+            }
+        }
+        for (id, req) in requests {
+            match req {
+                Request::Stop => self.finish(id, true, &format!("exited with status {code}")),
+                _ => self.finish(
+                    id,
+                    false,
+                    &format!("the supervisor is exiting (status {code})"),
+                ),
             }
         }
     }

@@ -265,6 +265,7 @@ impl Supervisor {
                     for id in waiters.unwrap_or_default() {
                         c.finish(id, true, &format!("exited with status {code}"));
                     }
+                    c.last_call(Instant::now(), code);
                     c.flush_all();
                 }
                 return code;

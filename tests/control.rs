@@ -1318,7 +1318,7 @@ fn waiting_clients_are_capped_and_status_still_answers() {
     );
     write_file(&env_file, "");
     release(&fifo);
-    for mut r in waiting {
+    for mut r in waiting.drain(..) {
         let last = loop {
             let mut line = String::new();
             assert_ne!(
@@ -1333,9 +1333,43 @@ fn waiting_clients_are_capped_and_status_still_answers() {
         assert!(last.starts_with("ok "), "{last:?}");
     }
     sup.wait_ready(3);
-    sup.signal(libc::SIGTERM);
-    assert!(sup.wait_exit().success());
-    assert_eq!(sup.count(" spawned"), 3, "{:?}", sup.lines());
+    // Full again, on a held deploy: `stop` is never turned away, and ends
+    // what they wait for.
+    write_file(&env_file, &format!("HOLD={}\n", fifo.display()));
+    for _ in 0..MAX_WAITING {
+        let s = UnixStream::connect(&ctl).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        (&s).write_all(req).unwrap();
+        let mut r = std::io::BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("progress "), "{line:?}");
+        waiting.push(r);
+    }
+    assert_eq!(
+        raw_exchange(&ctl, req.to_vec()),
+        format!("error too many clients waiting ({MAX_WAITING}); try again later\n")
+    );
+    let out = cf(&dir, "stop", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    // The held generation dies of the stop signal: that is the status.
+    let code = sup.wait_exit().code().expect("an exit code");
+    assert_eq!(
+        out.stdout,
+        format!("supervisor exited with status {code}\n"),
+        "{:?}",
+        sup.lines()
+    );
+    for mut r in waiting {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(r.get_mut(), &mut rest);
+        let rest = format!("{}{rest}", String::from_utf8_lossy(r.buffer()));
+        assert!(
+            rest.contains("error "),
+            "a waiting deploy heard nothing: {rest:?}"
+        );
+    }
+    assert_eq!(sup.count(" spawned"), 4, "{:?}", sup.lines());
 }
 
 /// A socket whose listener never accepts and whose backlog is full (a
@@ -1543,6 +1577,44 @@ fn stop_prints_the_supervisor_exit_status() {
     assert!(has_exited(pid1));
     assert!(!control(&dir).exists(), "the control socket is removed");
     assert_eq!(cf(&dir, "status", &[]).code(), 3);
+}
+
+/// Several `stop` calls at once: the first one stops the supervisor; the
+/// others are answered however late they connect while it exits (or, reset
+/// from its backlog, see it gone) and exit 0, or, connecting after it is
+/// gone, exit 3 like any client without a supervisor. Never 1 ("connection
+/// lost"): nothing failed.
+#[test]
+fn concurrent_stops_all_succeed() {
+    let dir = TempDir::new("ctl-stops");
+    let (mut sup, _addr, _) = start(&dir, &[], &[]);
+    let stops: Vec<_> = (0..6)
+        .map(|_| {
+            client_cmd(&dir, "stop", &[])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn stop")
+        })
+        .collect();
+    let mut stopped = 0;
+    for child in stops {
+        let out = child.wait_with_output().expect("stop");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        match out.status.code() {
+            Some(0) => {
+                assert!(stdout.starts_with("supervisor exited"), "{out:?}");
+                stopped += 1;
+            }
+            Some(3) => assert!(stderr.contains("no supervisor answers at"), "{out:?}"),
+            _ => panic!("{out:?}"),
+        }
+    }
+    assert!(stopped >= 1);
+    assert_eq!(sup.wait_exit().code(), Some(0));
 }
 
 #[test]
