@@ -118,12 +118,7 @@ pub fn parse_request(text: &[u8]) -> std::result::Result<Request, String> {
         std::str::from_utf8(head).map_err(|_| "the request line is not UTF-8".to_string())?;
     let mut words = head.split(' ');
     let proto = words.next().unwrap_or_default();
-    if proto != PROTOCOL {
-        let shown: String = proto.chars().take(40).collect();
-        return Err(format!(
-            "unsupported protocol '{shown}': this supervisor speaks {PROTOCOL}"
-        ));
-    }
+    check_protocol(proto.as_bytes())?;
     let verb = words.next().unwrap_or_default();
     let param = words.next();
     if words.next().is_some() {
@@ -167,8 +162,37 @@ pub fn parse_request(text: &[u8]) -> std::result::Result<Request, String> {
     }
 }
 
+fn check_protocol(proto: &[u8]) -> std::result::Result<(), String> {
+    if proto == PROTOCOL.as_bytes() {
+        return Ok(());
+    }
+    let shown: String = proto.escape_ascii().take(40).map(char::from).collect();
+    Err(format!(
+        "unsupported protocol '{shown}': this supervisor speaks {PROTOCOL}"
+    ))
+}
+
+/// The request line alone, as soon as it is complete: a peer speaking
+/// something else (HTTP, CRLF line ends) hears so at once rather than
+/// after the request deadline.
+fn check_request_line(input: &[u8]) -> std::result::Result<(), String> {
+    let Some(end) = input.iter().position(|&b| b == b'\n') else {
+        return Ok(());
+    };
+    let line = &input[..end];
+    if std::str::from_utf8(line).is_err() {
+        return Err("the request line is not UTF-8".into());
+    }
+    let line = line.strip_suffix(b"\r").ok_or(()).map_or(Ok(line), |l| {
+        check_protocol(l.split(|&b| b == b' ').next().unwrap_or_default())?;
+        Err("lines end in LF, not CRLF".to_string())
+    })?;
+    check_protocol(line.split(|&b| b == b' ').next().unwrap_or_default())
+}
+
 fn unhex(hex: &[u8]) -> Option<Vec<u8>> {
-    if !hex.len().is_multiple_of(2) {
+    // from_str_radix alone would take a sign ("+f").
+    if !hex.len().is_multiple_of(2) || !hex.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     hex.chunks(2)
@@ -187,7 +211,7 @@ pub fn shell_words(argv: &[OsString]) -> String {
             if plain {
                 s.into_owned()
             } else {
-                format!("'{}'", s.replace('\'', "'\\''").replace('\n', "\\n"))
+                format!("'{}'", crate::log::printable(&s.replace('\'', "'\\''")))
             }
         })
         .collect::<Vec<_>>()
@@ -287,9 +311,10 @@ impl Control {
         let listen = accepting.then(|| (self.fd.as_fd(), PollFlags::IN));
         listen.into_iter().chain(self.clients.iter().map(|c| {
             let mut flags = PollFlags::empty();
-            if c.phase != Phase::Closing && !c.read_shut {
-                // While waiting we still watch for stray bytes and the end
-                // of the client's input. (A hang-up is always reported.)
+            if c.phase == Phase::Reading && !c.read_shut {
+                // Only the request is read. A waiting client's stray bytes
+                // stay unread (it cannot make us spin on them), and its
+                // going away still shows: a hang-up is always reported.
                 flags |= PollFlags::IN;
             }
             if !c.output.is_empty() {
@@ -463,6 +488,13 @@ impl Control {
                     c.read_shut = true;
                     return None;
                 }
+                Ok(0) if c.phase == Phase::Reading && !c.input.is_empty() && !hung_up => {
+                    // Half-closed before the empty line: say what is missing.
+                    let e = "incomplete request (end it with an empty line)";
+                    warn!("control request refused: {e}");
+                    self.finish_at(i, false, e);
+                    return None;
+                }
                 Ok(0) => {
                     // Gone. A waiting request carries on without it.
                     c.output.clear();
@@ -474,6 +506,11 @@ impl Control {
                         continue; // one request per connection; ignore the rest
                     }
                     c.input.extend_from_slice(&buf[..n]);
+                    if let Err(e) = check_request_line(&c.input) {
+                        warn!("control request refused: {e}");
+                        self.finish_at(i, false, &e);
+                        return None;
+                    }
                     if let Some(end) = find_end(&c.input) {
                         let input = std::mem::take(&mut c.input);
                         c.deadline = None;
@@ -711,5 +748,9 @@ mod tests {
     #[test]
     fn words() {
         assert_eq!(shell_words(&["node".into(), "a b".into()]), "node 'a b'");
+        assert_eq!(
+            shell_words(&["it's".into(), "a\nb".into(), "\x1b[31mred\x7f".into()]),
+            r"'it'\''s' 'a\nb' '\u{1b}[31mred\u{7f}'"
+        );
     }
 }

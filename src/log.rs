@@ -24,6 +24,21 @@ pub fn line(args: std::fmt::Arguments<'_>) {
     let _ = std::io::stderr().write_all(&buf);
 }
 
+/// `s` with control characters (newline, escape, DEL, ...) written as
+/// Rust escapes (`\n`, `\u{1b}`): text a worker chose cannot move the
+/// cursor, recolour or hide parts of an operator's terminal.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Write `text` and a newline to stdout (the client commands' output).
 /// A closed or full stdout is not worth a panic: the caller already went
 /// away, and with `panic = "abort"` a panic would be a SIGABRT.

@@ -89,7 +89,7 @@ fn text(s: &Supervisor, now: Instant) -> String {
             st,
             human(now - g.started),
             ready,
-            g.status_text.as_deref().unwrap_or("")
+            crate::log::printable(g.status_text.as_deref().unwrap_or(""))
         );
     }
     let c = &s.counters;

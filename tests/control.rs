@@ -25,7 +25,7 @@ use crate::common::{
     client_cmd_at, control, get, is_root, kill, mkfifo, release, run_client, skipped, start_record,
     stat_field, worker, write_file,
 };
-use crate::common::{notify_socket, send_dgram};
+use crate::common::{notify_socket, send_dgram, wait_until};
 
 // ---------------------------------------------------------------------------
 // Private helpers.
@@ -638,6 +638,19 @@ fn status_table_shows_the_active_generation() {
     let cols: Vec<&str> = row.split_whitespace().collect();
     assert_eq!((cols[1], cols[2]), (pid2.to_string().as_str(), "active"));
     assert!(s.contains("deploys: 1 ok, 0 failed"), "{s}");
+
+    // A STATUS= with terminal controls reaches the table escaped.
+    send_dgram(
+        &notify_socket(&sup.records, pid2),
+        b"STATUS=\x1b[31mred\rgone\x7f",
+    );
+    let mut s = String::new();
+    wait_until("the STATUS= in the table", || {
+        s = cf(&dir, "status", &[]).stdout;
+        s.contains("red")
+    });
+    assert!(s.contains(r"\u{1b}[31mred\rgone\u{7f}"), "{s:?}");
+    assert!(!s.contains('\x1b') && !s.contains('\r'), "{s:?}");
 }
 
 #[test]
@@ -886,6 +899,21 @@ fn bad_requests_get_an_error_line_and_change_nothing() {
             "not valid hex",
         ),
         (
+            "hex with a sign",
+            b"containerflip/1 deploy\narg +1+1\n\n".to_vec(),
+            "not valid hex",
+        ),
+        (
+            "CRLF line ends",
+            b"containerflip/1 status\r\n\r\n".to_vec(),
+            "lines end in LF, not CRLF",
+        ),
+        (
+            "an HTTP request",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            "unsupported protocol 'GET'",
+        ),
+        (
             "a stray line",
             b"containerflip/1 deploy\nexec /bin/sh\n\n".to_vec(),
             "arg HEX",
@@ -910,6 +938,19 @@ fn bad_requests_get_an_error_line_and_change_nothing() {
         let reply = raw_exchange(&ctl, req);
         assert_error(what, &reply, needle);
     }
+
+    // A request line, then the sending side shut (`echo … | nc -N`)
+    // without the empty line: told what is missing, not closed on.
+    let s = UnixStream::connect(&ctl).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    (&s).write_all(b"containerflip/1 status\n").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    (&s).read_to_string(&mut reply).unwrap();
+    assert_eq!(
+        reply,
+        "error incomplete request (end it with an empty line)\n"
+    );
 
     // Over the argument count bound.
     let mut many = b"containerflip/1 deploy\n".to_vec();
