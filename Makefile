@@ -1,7 +1,8 @@
 # containerflip: the commands the README names. `make test` is the one
 # test command; .ci/run runs it plus formatting and lints.
 
-STATIC_TARGET := x86_64-unknown-linux-gnu
+# The host's own target: the gnu target with crt-static links statically.
+STATIC_TARGET ?= $(shell rustc -vV | sed -n 's/^host: //p')
 STATIC_BIN := target/$(STATIC_TARGET)/release/containerflip
 
 .PHONY: test test-rust test-node test-static release static clean

@@ -74,6 +74,15 @@ fn start(cfg: &mut RunConfig) -> Result<Parts, Error> {
     } else if let Err(e) = sys::set_child_subreaper() {
         warn!("unable to become a child subreaper ({e}); daemonized grandchildren will escape");
     }
+    if !crate::supervisor::proc_is_ours() {
+        warn!(
+            "/proc is not this PID namespace's (mount one, e.g. unshare --mount-proc): \
+             daemonized leftovers are not looked for at stop"
+        );
+    }
+    if rustix::process::getpid().is_init() {
+        make_run_dir();
+    }
     let rundir = RunDir::create()?;
     let upstream = Upstream::from_env();
     let control_path = cfg.control.clone().unwrap_or_else(control::default_path);
@@ -99,4 +108,19 @@ fn start(cfg: &mut RunConfig) -> Result<Parts, Error> {
         upstream,
         control: Some(control),
     })
+}
+
+/// As PID 1 in an image with nothing but the binary (`FROM scratch`),
+/// there is no /run for the runtime directory and the control socket:
+/// make it, as an init would. Not being able to is no error here; the
+/// paths that need it name themselves when they fail.
+fn make_run_dir() {
+    use std::os::unix::fs::DirBuilderExt;
+    let run = std::path::Path::new("/run");
+    if rustix::process::getuid().is_root() && !run.exists() {
+        match std::fs::DirBuilder::new().mode(0o755).create(run) {
+            Ok(()) => info!("created /run (missing in this image)"),
+            Err(e) => debug!("unable to create /run: {e}"),
+        }
+    }
 }

@@ -1388,6 +1388,11 @@ fn exited(pidfd: &std::os::fd::OwnedFd) -> bool {
 /// subreaper. Read from /proc, only while stopping.
 fn orphans(gens: &[Generation], killed_groups: &[i32]) -> Vec<i32> {
     let me = std::process::id() as i32;
+    // A /proc of another PID namespace lists other processes under our
+    // numbers: never signal those (`run` warned at start).
+    if !proc_is_ours() {
+        return Vec::new();
+    }
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -1410,4 +1415,12 @@ fn orphans(gens: &[Generation], killed_groups: &[i32]) -> Vec<i32> {
             ppid == Some(me) && state != Some("Z") && !in_a_group
         })
         .collect()
+}
+
+/// Whether /proc shows our own PID namespace (`/proc/self` is our pid), as
+/// it does unless a new PID namespace was made without mounting a new
+/// /proc (`unshare --pid --fork` without `--mount-proc`).
+pub fn proc_is_ours() -> bool {
+    std::fs::read_link("/proc/self")
+        .is_ok_and(|p| p.to_str() == Some(std::process::id().to_string().as_str()))
 }

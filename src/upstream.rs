@@ -1,11 +1,20 @@
 //! sd_notify towards whoever started us (systemd, with `Type=notify` or
 //! `Type=notify-reload`): READY, RELOADING with MONOTONIC_USEC, STOPPING
-//! and STATUS, as datagrams to our own `$NOTIFY_SOCKET`. Best effort:
-//! a lost message is logged with `-v`, never fatal.
+//! and STATUS, as datagrams to our own `$NOTIFY_SOCKET`. As libsystemd's
+//! sd_notify, a send waits while systemd's queue is full (a dropped
+//! READY=1 would get the service killed at its start timeout), but for
+//! at most [`SEND_TIMEOUT`]: a stuck receiver cannot stall the loop for
+//! long. A message still lost is a warning, never fatal.
 
 use std::os::unix::ffi::OsStrExt;
 
-use rustix::net::{self, AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+use std::time::Duration;
+
+use rustix::net::{
+    self, AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType, sockopt,
+};
+
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Upstream {
     fd: std::os::fd::OwnedFd,
@@ -27,16 +36,24 @@ impl Upstream {
         let fd = net::socket_with(
             AddressFamily::UNIX,
             SocketType::DGRAM,
-            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            SocketFlags::CLOEXEC,
             None,
         )
         .ok()?;
+        sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, Some(SEND_TIMEOUT)).ok()?;
         Some(Upstream { fd, addr })
     }
 
     pub fn send(&self, msg: &str) {
-        if let Err(e) = net::sendto(&self.fd, msg.as_bytes(), SendFlags::NOSIGNAL, &self.addr) {
-            crate::debug!("sd_notify to our own NOTIFY_SOCKET failed: {e}");
+        let sent = loop {
+            match net::sendto(&self.fd, msg.as_bytes(), SendFlags::NOSIGNAL, &self.addr) {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => break other,
+            }
+        };
+        if let Err(e) = sent {
+            let first = msg.lines().next().unwrap_or_default();
+            crate::warn!("unable to tell our own NOTIFY_SOCKET {first}: {e}");
         }
     }
 

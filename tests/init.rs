@@ -243,6 +243,100 @@ fn pid1_in_a_pid_namespace_reaps_orphans_deploys_and_stops_on_term() {
     sup.wait_line("exiting with status 0");
 }
 
+/// PID 1 of a namespace that kept the host's /proc (`unshare --pid --fork`
+/// without `--mount-proc`): the pids there are not ours, so the stop looks
+/// for no leftovers among them. It says so at start, signals none of them,
+/// and stops as usual (before, it waited for host processes it had taken
+/// for its own children and never exited).
+#[test]
+fn pid1_with_the_hosts_proc_signals_none_of_its_processes() {
+    if !can_unshare() {
+        notice(
+            "SKIPPED pid1_with_the_hosts_proc_…: `unshare --pid --fork` \
+             is missing or not permitted here (needs root or user namespaces)",
+        );
+        return;
+    }
+    let dir = TempDir::new("pid1-hostproc");
+    let elsewhere = TempDir::new("pid1-hostproc-h");
+    let control = control_path(&dir);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", bin(), "run"])
+        .args(run_args(&control, &["--drain-timeout", "10s"]))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUNTIME_DIRECTORY", dir.path())
+        .env("WORKER_RECORD", dir.path());
+    let mut sup = InNamespace(ManuallyDrop::new(Supervisor::spawn(cmd, &elsewhere, &[])));
+    sup.wait_line("/proc is not this PID namespace's");
+    sup.wait_ready(1);
+    wait_until("containerflip to be unshare's child", || {
+        children(sup.pid).len() == 1
+    });
+    let init = children(sup.pid)[0];
+    kill(init as i32, libc::SIGTERM);
+    let status = sup.wait_exit();
+    assert_eq!(status.code(), Some(0), "exit status of unshare: {status}");
+    assert_eq!(sup.count("left behind by a worker"), 0, "{:?}", sup.lines());
+}
+
+/// PID 1 in an image with no /run and no /tmp (`FROM scratch` with only the
+/// binaries): it makes /run for its runtime directory and control socket,
+/// serves, answers `status` there, and stops on SIGTERM.
+#[test]
+fn pid1_in_an_image_without_run_makes_it() {
+    if !can_unshare() || !have("chroot") || !is_root() {
+        notice(
+            "SKIPPED pid1_in_an_image_without_run_makes_it: needs root, chroot and \
+             `unshare --pid --fork --mount`",
+        );
+        return;
+    }
+    let dir = TempDir::new("pid1-scratch");
+    let elsewhere = TempDir::new("pid1-scratch-h");
+    let root = dir.join("root");
+    let (b, w) = (Path::new(bin()), Path::new(worker()));
+    for d in ["usr", "proc", "cf-bin", "cf-worker", "records"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for l in ["bin", "lib", "lib64", "sbin"] {
+        std::os::unix::fs::symlink(format!("usr/{l}"), root.join(l)).unwrap();
+    }
+    // Only what the dynamic binaries need (/usr), /proc, the binaries and
+    // the records directory: no /run, no /tmp.
+    let script = r#"set -e
+R=$1 D=$2 B=$3 W=$4
+mount --rbind /usr "$R/usr"
+mount -t proc proc "$R/proc"
+mount --bind "$(dirname "$B")" "$R/cf-bin"
+mount --bind "$(dirname "$W")" "$R/cf-worker"
+mount --bind "$D" "$R/records"
+exec chroot "$R" "/cf-bin/$(basename "$B")" run --listen 127.0.0.1:0 -- "/cf-worker/$(basename "$W")""#;
+    assert!(!root.join("run").exists() && !root.join("tmp").exists());
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--mount", "sh", "-c", script, "sh"])
+        .arg(&root)
+        .arg(dir.path())
+        .arg(b)
+        .arg(w)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("WORKER_RECORD", "/records");
+    let mut sup = InNamespace(ManuallyDrop::new(Supervisor::spawn(cmd, &elsewhere, &[])));
+    sup.wait_line("created /run (missing in this image)");
+    sup.wait_ready(1);
+    assert_eq!(get(sup.listen_addr(), "/").unwrap().generation(), 1);
+    let ctl = root.join("run/containerflip.sock");
+    let out = run_client(client_cmd_at(&ctl, "status", &["--check"]));
+    assert_eq!(out.code(), 0, "{out:?}");
+    wait_until("containerflip to be unshare's child", || {
+        children(sup.pid).len() == 1
+    });
+    kill(children(sup.pid)[0] as i32, libc::SIGTERM);
+    let status = sup.wait_exit();
+    assert_eq!(status.code(), Some(0), "exit status of unshare: {status}");
+}
+
 // ---------------------------------------------------------------------------
 // 2. Child subreaper outside a PID namespace.
 
