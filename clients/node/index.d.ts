@@ -3,12 +3,17 @@
 import type { Server as NetServer } from 'node:net';
 import type { Server as HttpServer } from 'node:http';
 import type { Server as HttpsServer } from 'node:https';
+import type { Http2Server, Http2SecureServer } from 'node:http2';
 
 /**
  * A server the drain machinery works with: HTTP/1.x, which emits `request`
- * events and honours `Connection: close`. HTTP/2 is not supported.
+ * events and honours `Connection: close`. HTTP/2 is not supported: every
+ * function rejects (or, `gracefulDrain`, throws) a `TypeError` for one.
  */
 export type DrainableServer = HttpServer | HttpsServer;
+
+/** `never` for the HTTP/2 servers, which `net.Server` would otherwise admit. */
+type NotHttp2<S> = S extends Http2Server | Http2SecureServer ? never : unknown;
 
 /** Receives one human-readable lifecycle message per call. */
 export type Logger = (message: string) => void;
@@ -52,8 +57,9 @@ export interface GracefulDrainOptions extends DrainOptions {
 
 export interface ServeOptions extends AttachOptions, GracefulDrainOptions {
   /**
-   * Send `READY=1` once listening. Set `false` when another process (a
-   * cluster primary) reports readiness.
+   * Send `READY=1` once listening (not when the server has begun draining
+   * by then). Set `false` when another process (a cluster primary) reports
+   * readiness.
    * @default true
    */
   notify?: boolean;
@@ -62,15 +68,17 @@ export interface ServeOptions extends AttachOptions, GracefulDrainOptions {
 /**
  * Installs the drain machinery, attaches (fd 3 under the supervisor, else the
  * port fallback), then sends `READY=1`, in that order. Resolves with `server`.
+ * Every option is checked before anything is installed.
  */
 export function serve<S extends DrainableServer>(server: S, options?: ServeOptions): Promise<S>;
 
 /**
  * Listens on the inherited descriptor (`LISTEN_FDS` >= 1) or on the fallback
- * port. Resolves with `server` once listening; rejects on a listen error
- * or when `server` is not a `net.Server`.
+ * port. Resolves with `server` once listening; rejects on a listen error,
+ * when `server` is not a `net.Server`, is an HTTP/2 server, or has already
+ * begun draining. A second listener is `attach(server2, { fd: 4 })`.
  */
-export function attach<S extends NetServer>(server: S, options?: AttachOptions): Promise<S>;
+export function attach<S extends NetServer>(server: S & NotHttp2<S>, options?: AttachOptions): Promise<S>;
 
 /**
  * Sends `READY=1` over `$NOTIFY_SOCKET` (an AF_UNIX stream socket; `@name`

@@ -65,6 +65,25 @@ function checkServer(server, fn) {
   if (!(server instanceof net.Server)) {
     throw new TypeError(`containerflip: ${fn}() expects a net.Server or http.Server, got ${describe(server)}`);
   }
+  const h2 = http2ClassOf(server);
+  if (h2 !== null) {
+    throw new TypeError(`containerflip: ${fn}() does not support HTTP/2 servers (got an ${h2} from node:http2): ` +
+      'HTTP/2 forbids the Connection header and drains with GOAWAY, which this helper does not send; ' +
+      'use an HTTP/1.1 server from node:http or node:https');
+  }
+}
+
+// node:http2 exports neither server class, so look for their names along the
+// prototype chain (which also catches subclasses of them). They are net.Server
+// instances, but a drain would neither reach their clients nor close their
+// idle sessions and would just wait out the whole grace period.
+const HTTP2_CLASSES = new Set(['Http2Server', 'Http2SecureServer']);
+function http2ClassOf(server) {
+  for (let proto = Object.getPrototypeOf(server); proto !== null && proto !== net.Server.prototype; proto = Object.getPrototypeOf(proto)) {
+    const name = Object.hasOwn(proto, 'constructor') ? proto.constructor?.name : undefined;
+    if (HTTP2_CLASSES.has(name)) return name;
+  }
+  return null;
 }
 
 function describe(value) {
@@ -143,33 +162,50 @@ function resolvePort(port) {
   return 0;
 }
 
+// Where attach() listens: { fd } under the supervisor, { port } otherwise.
+// Throws on a bad fd or port, so serve() can check before installing anything.
+function resolveTarget(fd = DEFAULT_FD, port) {
+  if (fdMode()) {
+    if (!Number.isInteger(fd) || fd < 0) {
+      throw new TypeError(`containerflip: option fd must be a non-negative integer, got ${describe(fd)}`);
+    }
+    return { fd };
+  }
+  const p = resolvePort(port);
+  const n = typeof p === 'string' && /^\s*\d+\s*$/.test(p) ? Number(p) : p;
+  if (!Number.isInteger(n) || n < 0 || n > 65535) {
+    throw new RangeError(`containerflip: ${port === undefined || port === null ? `PORT=${p}` : `option port ${describe(p)}`} is not a TCP port number`);
+  }
+  return { port: n };
+}
+
+// A server that has begun draining must not start accepting again: nothing
+// would ever close it.
+function checkNotDraining(server, fn) {
+  if (states.get(server)?.draining) {
+    throw new Error(`containerflip: ${fn}() was given a server that is already draining; it would never be closed again`);
+  }
+}
+
 /**
  * Start accepting: on the inherited descriptor (default 3) under the
  * supervisor, otherwise on `port` / $PORT / an ephemeral port.
- * Resolves with the server once it listens; rejects on any listen error.
+ * Resolves with the server once it listens; rejects on any listen error,
+ * on a bad argument, and for a server that has begun draining.
  */
 export function attach(server, options = {}) {
-  const { fd = DEFAULT_FD, port } = options ?? {};
-  return new Promise((resolve, reject) => {
+  const { fd, port } = options ?? {};
+  return new Promise((resolve) => {
     // Thrown inside the executor, so it rejects: functions that return a
     // promise never throw, and `.catch()` and `await` see every error alike.
     checkServer(server, 'attach');
-    let target;
-    if (fdMode()) {
-      if (!Number.isInteger(fd) || fd < 0) {
-        reject(new TypeError(`containerflip: option fd must be a non-negative integer, got ${describe(fd)}`));
-        return;
-      }
-      target = { fd };
-    } else {
-      const p = resolvePort(port);
-      const n = typeof p === 'string' && /^\s*\d+\s*$/.test(p) ? Number(p) : p;
-      if (!Number.isInteger(n) || n < 0 || n > 65535) {
-        reject(new RangeError(`containerflip: ${port === undefined || port === null ? `PORT=${p}` : `option port ${describe(p)}`} is not a TCP port number`));
-        return;
-      }
-      target = { port: n };
-    }
+    checkNotDraining(server, 'attach');
+    resolve(listenOn(server, resolveTarget(fd, port)));
+  });
+}
+
+function listenOn(server, target) {
+  return new Promise((resolve, reject) => {
     const onError = (err) => {
       server.removeListener('listening', onListening);
       const where = target.fd !== undefined ? `fd ${target.fd}` : `port ${target.port}`;
@@ -222,16 +258,8 @@ function notify(payload) {
       if (settled) return;
       settled = true;
       socket.destroy();
-      let hint = '';
-      if (err.code === 'EPROTOTYPE' || err.code === 'ECONNREFUSED') {
-        hint = ' (is the supervisor running with --notify-mode stream?)';
-        if (err.code === 'ECONNREFUSED' && address.startsWith('@') && PADS_ABSTRACT) {
-          hint = ` (this Node, libuv ${process.versions.uv}, pads abstract names to 108 bytes, ` +
-            'so only a receiver that binds the padded name can accept; use a path socket)';
-        }
-      }
       const wrapped = new Error(
-        `containerflip: cannot send ${payload.trim()} to NOTIFY_SOCKET=${address}: ${err.message}${hint}`,
+        `containerflip: cannot send ${payload.trim()} to NOTIFY_SOCKET=${address}: ${err.message}${notifyHint(err.code, address)}`,
         { cause: err },
       );
       if (err.code) wrapped.code = err.code;
@@ -253,6 +281,26 @@ function notify(payload) {
       });
     });
   });
+}
+
+// What a failed notify connection most likely means, by its error code.
+function notifyHint(code, address) {
+  switch (code) {
+    case 'EPROTOTYPE':
+      // A stream connect to a datagram socket: the supervisor listens, in
+      // the other mode.
+      return ' (the socket there is not a stream socket: run the supervisor with --notify-mode stream)';
+    case 'ECONNREFUSED':
+      if (address.startsWith('@') && PADS_ABSTRACT) {
+        return ` (this Node, libuv ${process.versions.uv}, pads abstract names to 108 bytes, ` +
+          'so only a receiver that binds the padded name can accept; use a path socket)';
+      }
+      return ' (nothing is listening there: the supervisor has gone away, or NOTIFY_SOCKET names a stale socket)';
+    case 'ENOENT':
+      return ' (no such socket: the supervisor has gone away, or NOTIFY_SOCKET is a stale path)';
+    default:
+      return '';
+  }
 }
 
 // The one request-path hook: prepended so it runs before handlers that flush
@@ -370,7 +418,12 @@ export function gracefulDrain(server, options = {}) {
   installMarker(server, state);
   for (const signal of signals) {
     process.on(signal, () => {
-      if (state.exitPending) return;
+      // Staying subscribed matters: with no listener left, a second signal
+      // would take its default action and kill the process mid-drain.
+      if (state.exitPending) {
+        log(`${signal} received again: already draining`);
+        return;
+      }
       state.exitPending = true;
       log(`${signal} received`);
       const pending = drain(server, { graceMs: opts.graceMs, log: opts.log }).then(() => {
@@ -387,18 +440,33 @@ export function gracefulDrain(server, options = {}) {
 
 /**
  * The whole contract in one call: drain machinery first, then attach (fd 3
- * or the PORT fallback), then READY=1. Resolves with the server.
+ * or the PORT fallback), then READY=1. Resolves with the server. Every option
+ * is checked before anything is installed.
  */
 export async function serve(server, options = {}) {
   checkServer(server, 'serve');
   const opts = options ?? {};
   const log = makeLogger(opts.log);
+  if (opts.graceMs !== undefined) resolveGraceMs(opts.graceMs);
+  resolveSignals(opts.signals);
+  if (opts.notify !== undefined && typeof opts.notify !== 'boolean') {
+    throw new TypeError(`containerflip: option notify must be a boolean, got ${describe(opts.notify)}`);
+  }
+  const target = resolveTarget(opts.fd, opts.port);
+  checkNotDraining(server, 'serve');
+
   gracefulDrain(server, { graceMs: opts.graceMs, signals: opts.signals, log: opts.log });
-  await attach(server, { fd: opts.fd, port: opts.port });
+  await listenOn(server, target);
   const addr = server.address();
   const where = typeof addr === 'string' ? addr : addr ? `${addr.address}:${addr.port}` : 'unknown address';
-  log(fdMode() ? `listening on fd ${opts.fd ?? DEFAULT_FD} (${where})` : `listening on ${where} (standalone, no LISTEN_FDS)`);
+  log(target.fd !== undefined ? `listening on fd ${target.fd} (${where})` : `listening on ${where} (standalone, no LISTEN_FDS)`);
   if (opts.notify !== false) {
+    // A drain that began while we were starting up (a stop signal already)
+    // means this server is on its way out: announcing it would be a lie.
+    if (stateOf(server).draining) {
+      log('draining already, READY=1 not sent');
+      return server;
+    }
     await notifyReady();
     if (process.env.NOTIFY_SOCKET) log('READY=1 sent');
   }

@@ -225,31 +225,35 @@ export async function listeningSocket() {
 
 /**
  * Start `node script` the way the supervisor would: a listening socket as
- * fd 3 with LISTEN_FDS=1 (unless fd3 is false), NOTIFY_SOCKET pointing at a
- * fake notify socket (unless notify is false). The parent closes its copy of
- * the listening socket once the child holds it, so only the child accepts.
+ * fd 3 with LISTEN_FDS=1 (unless fd3 is false; `fds: N` passes N sockets as
+ * fds 3 … 3+N-1, named by `names`, LISTEN_FDNAMES), NOTIFY_SOCKET pointing at
+ * a fake notify socket (unless notify is false). The parent closes its copies
+ * of the listening sockets once the child holds them, so only the child
+ * accepts.
  */
-export async function spawnWorker(t, script, { env = {}, fd3 = true, notify = true, abstract = false, args = [] } = {}) {
+export async function spawnWorker(t, script, { env = {}, fd3 = true, fds = 1, names = null, notify = true, abstract = false, args = [] } = {}) {
   const n = notify ? await notifyServer(t, { abstract }) : null;
-  const listener = fd3 ? await listeningSocket() : null;
+  const listeners = [];
+  if (fd3) for (let i = 0; i < fds; i++) listeners.push(await listeningSocket());
+  const listener = listeners[0] ?? null;
   const childEnv = { ...process.env };
   for (const k of ['LISTEN_FDS', 'LISTEN_PID', 'LISTEN_FDNAMES', 'NOTIFY_SOCKET', 'DRAIN_GRACE_MS', 'PORT', 'CONTAINERFLIP_GENERATION']) {
     delete childEnv[k];
   }
   childEnv.CONTAINERFLIP_GENERATION = '1';
   if (fd3) {
-    childEnv.LISTEN_FDS = '1';
-    childEnv.LISTEN_FDNAMES = 'unknown';
+    childEnv.LISTEN_FDS = String(fds);
+    childEnv.LISTEN_FDNAMES = names ?? Array(fds).fill('unknown').join(':');
   }
   if (n) childEnv.NOTIFY_SOCKET = n.env;
   Object.assign(childEnv, env);
   for (const [k, v] of Object.entries(childEnv)) if (v === undefined) delete childEnv[k];
   const stdio = ['ignore', 'pipe', 'pipe'];
-  // The listening socket's descriptor becomes the child's fd 3 (a net.Server
-  // cannot be passed as a stdio stream, its descriptor can).
-  if (fd3) stdio.push(listener.server._handle.fd);
+  // The listening sockets' descriptors become the child's fds 3, 4, … (a
+  // net.Server cannot be passed as a stdio stream, its descriptor can).
+  for (const l of listeners) stdio.push(l.server._handle.fd);
   const child = spawn(process.execPath, [script, ...args], { stdio, env: childEnv, cwd: PKG_DIR });
-  if (listener) listener.server.close();
+  for (const l of listeners) l.server.close();
   const stdout = new Lines(child.stdout);
   const stderr = new Lines(child.stderr);
   // 'close' comes after 'exit' and after stdout/stderr have ended, so every
@@ -263,6 +267,7 @@ export async function spawnWorker(t, script, { env = {}, fd3 = true, notify = tr
   return {
     child,
     port: listener?.port,
+    ports: listeners.map((l) => l.port),
     notify: n,
     stdout,
     stderr,

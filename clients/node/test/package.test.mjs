@@ -12,13 +12,50 @@ import { PKG_DIR } from './helpers.mjs';
 const run = promisify(execFile);
 const pkg = JSON.parse(fs.readFileSync(path.join(PKG_DIR, 'package.json'), 'utf8'));
 
+let packed = null;
+/** `npm pack --dry-run` once: { name, files } of what would be published. */
+function packReport() {
+  packed ??= (async () => {
+    const npm = process.platform === 'win32' ? 'npm.cmd' : 'npm';
+    const { stdout } = await run(npm, ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: PKG_DIR, maxBuffer: 1 << 24 });
+    const [report] = JSON.parse(stdout);
+    return { name: report.name, files: report.files.map((f) => f.path).sort() };
+  })();
+  return packed;
+}
+
 test('npm pack ships only the library, its types, README, LICENSE and package.json', async () => {
-  const npm = process.platform === 'win32' ? 'npm.cmd' : 'npm';
-  const { stdout } = await run(npm, ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: PKG_DIR, maxBuffer: 1 << 24 });
-  const [report] = JSON.parse(stdout);
-  const files = report.files.map((f) => f.path).sort();
-  assert.deepEqual(files, ['LICENSE', 'README.md', 'index.d.ts', 'index.js', 'package.json']);
+  const report = await packReport();
+  assert.deepEqual(report.files, ['LICENSE', 'README.md', 'index.d.ts', 'index.js', 'package.json']);
   assert.equal(report.name, '@gigacodes/containerflip');
+});
+
+test('README: every link works from the npm package too (shipped files, anchors or absolute URLs)', async () => {
+  const { files } = await packReport();
+  const readme = fs.readFileSync(path.join(PKG_DIR, 'README.md'), 'utf8');
+  const targets = [...readme.matchAll(/\]\(([^)\s]+)\)/g)].map((m) => m[1]);
+  assert.ok(targets.length > 0);
+  const anchors = new Set([...readme.matchAll(/^#+ (.+)$/gm)].map((m) => m[1].toLowerCase()
+    .replace(/[^\p{L}\p{N} _-]/gu, '').replace(/ /g, '-')));
+  for (const target of targets) {
+    if (/^https:\/\//.test(target)) continue;
+    if (target.startsWith('#')) {
+      assert.ok(anchors.has(target.slice(1)), `${target}: no such heading`);
+      continue;
+    }
+    assert.ok(files.includes(target), `${target} is a relative link to a file npm does not ship`);
+  }
+});
+
+test('README: the node:cluster recipe is inlined, the same as examples/cluster.mjs', () => {
+  const readme = fs.readFileSync(path.join(PKG_DIR, 'README.md'), 'utf8');
+  const section = readme.slice(readme.indexOf('### `node:cluster`'));
+  const block = /```js\n([\s\S]*?)\n```/.exec(section);
+  assert.ok(block, 'a js code block in the node:cluster section');
+  // The file minus its leading comment block.
+  const lines = fs.readFileSync(path.join(PKG_DIR, 'examples', 'cluster.mjs'), 'utf8').split('\n');
+  while (lines[0].startsWith('//')) lines.shift();
+  assert.equal(block[1], lines.join('\n').trim());
 });
 
 test('package.json: ESM, exports with types, engines, no runtime dependencies, MIT', () => {
@@ -31,6 +68,11 @@ test('package.json: ESM, exports with types, engines, no runtime dependencies, M
   assert.equal(pkg.dependencies, undefined);
   assert.equal(pkg.peerDependencies, undefined);
   assert.equal(pkg.optionalDependencies, undefined);
+  assert.deepEqual(pkg.repository, {
+    type: 'git',
+    url: 'git+https://github.com/gigacodes/containerflip.git',
+    directory: 'clients/node',
+  });
   const licence = fs.readFileSync(path.join(PKG_DIR, 'LICENSE'), 'utf8');
   assert.match(licence, /^MIT License/);
   assert.match(licence, /Copyright \(c\) 2026 Fabian Stelzer – Gigacodes GmbH/);

@@ -8,6 +8,8 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import fs from 'node:fs';
 import http from 'node:http';
+import http2 from 'node:http2';
+import https from 'node:https';
 import net from 'node:net';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
@@ -120,6 +122,8 @@ describe('notifyReady', () => {
         assert.match(err.message, /cannot send READY=1 to NOTIFY_SOCKET=/);
         assert.ok(err.message.includes(missing));
         assert.equal(err.code, 'ENOENT');
+        assert.match(err.message, /supervisor has gone away, or NOTIFY_SOCKET is a stale path/);
+        assert.doesNotMatch(err.message, /--notify-mode/, 'a missing socket is not a wrong mode');
         return true;
       });
     });
@@ -191,13 +195,41 @@ except socket.timeout:
     });
   });
 
-  test('rejects clearly when the path is not a listening socket', async (t) => {
+  test('rejects clearly when the path is not a listening socket: nothing listens, no talk of modes', async (t) => {
     const p = path.join(tmpDir(t), 'not-a-socket');
     fs.writeFileSync(p, '');
     await withEnv({ NOTIFY_SOCKET: p }, async () => {
       await assert.rejects(notifyReady(), (err) => {
         assert.equal(err.code, 'ECONNREFUSED');
-        assert.match(err.message, /--notify-mode stream/);
+        assert.match(err.message, /nothing is listening there: the supervisor has gone away, or NOTIFY_SOCKET names a stale socket/);
+        assert.doesNotMatch(err.message, /--notify-mode/);
+        return true;
+      });
+    });
+  });
+
+  test('a datagram socket there (the supervisor in its default mode) is named as the wrong mode', async (t) => {
+    // Node cannot bind a unix datagram socket; python3 stands in for a
+    // supervisor started without --notify-mode stream.
+    const p = path.join(tmpDir(t), 'dgram.sock');
+    const receiver = spawn('python3', ['-c', `
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(${JSON.stringify(p)})
+print("bound", flush=True)
+sys.stdin.read()
+`], { stdio: ['pipe', 'pipe', 'inherit'] });
+    t.after(() => receiver.kill());
+    let out = '';
+    receiver.stdout.setEncoding('utf8');
+    await withDeadline(new Promise((resolve, reject) => {
+      receiver.stdout.on('data', (d) => { out += d; if (out.includes('bound\n')) resolve(); });
+      receiver.once('error', reject);
+    }), 'python3 to bind the datagram socket');
+    await withEnv({ NOTIFY_SOCKET: p }, async () => {
+      await assert.rejects(notifyReady(), (err) => {
+        assert.equal(err.code, 'EPROTOTYPE');
+        assert.match(err.message, /not a stream socket: run the supervisor with --notify-mode stream/);
         return true;
       });
     });
@@ -286,6 +318,15 @@ describe('attach', () => {
     });
   });
 
+  test('a plain net.Server is accepted', async (t) => {
+    await withEnv(STANDALONE, async () => {
+      const server = net.createServer((socket) => socket.end('raw\n'));
+      t.after(() => closeServer(server));
+      assert.equal(await attach(server), server);
+      assert.ok(server.listening);
+    });
+  });
+
   test('rejects (never throws) on something that is not a server', async () => {
     const got = attach({});
     assert.ok(got instanceof Promise);
@@ -351,6 +392,32 @@ describe('serve', () => {
     await assert.rejects(serve(http.createServer(), { log: 'yes' }), TypeError);
     await assert.rejects(serve('server'), TypeError);
   });
+
+  // With the default signals: a serve() that went ahead and installed its
+  // SIGTERM handler and marker before checking would show here.
+  for (const [what, env, opts, expected] of [
+    ['a bad fd', { LISTEN_FDS: '1' }, { fd: 'three' }, /option fd must be a non-negative integer/],
+    ['a negative fd', { LISTEN_FDS: '1' }, { fd: -1 }, /option fd must be a non-negative integer/],
+    ['a bad port', STANDALONE, { port: 'eighty' }, /option port string eighty is not a TCP port number/],
+    ['a bad $PORT', { ...STANDALONE, PORT: '99999' }, {}, /PORT=99999 is not a TCP port number/],
+    ['a notify that is not a boolean', STANDALONE, { notify: 'no' }, /option notify must be a boolean, got string no/],
+    ['a notify of null', STANDALONE, { notify: null }, /option notify must be a boolean, got null/],
+  ]) {
+    test(`${what} is rejected before any signal handler or marker is installed`, async (t) => {
+      const n = await notifyServer(t);
+      const server = http.createServer();
+      t.after(() => closeServer(server));
+      const before = { term: process.listenerCount('SIGTERM'), request: server.listenerCount('request'), connection: server.listenerCount('connection') };
+      await withEnv({ ...env, NOTIFY_SOCKET: n.env }, async () => {
+        await assert.rejects(serve(server, { ...opts, log: false }), expected);
+      });
+      assert.equal(process.listenerCount('SIGTERM'), before.term, 'no SIGTERM handler left behind');
+      assert.equal(server.listenerCount('request'), before.request, 'no request marker left behind');
+      assert.equal(server.listenerCount('connection'), before.connection);
+      assert.equal(server.listening, false);
+      assert.deepEqual(await n.soFar(), []);
+    });
+  }
 });
 
 describe('gracefulDrain', () => {
@@ -404,6 +471,47 @@ describe('gracefulDrain', () => {
     const r = await request(server.address().port, { agent });
     assert.equal(r.headers.connection, 'keep-alive');
     assert.equal(isDraining(), false);
+  });
+});
+
+describe('HTTP/2 servers are refused with a TypeError', () => {
+  const Http2Server = http2.createServer().constructor;
+  class MyHttp2Server extends Http2Server {}
+  const cases = [
+    ['http2.createServer()', () => http2.createServer(), /an Http2Server from node:http2/],
+    ['http2.createSecureServer()', () => http2.createSecureServer({}), /an Http2SecureServer from node:http2/],
+    ['http2.createServer({ allowHTTP1: true })', () => http2.createServer({ allowHTTP1: true }), /an Http2Server/],
+    ['a subclass of Http2Server', () => new MyHttp2Server(), /an Http2Server/],
+  ];
+  for (const [what, make, name] of cases) {
+    test(`${what}: serve, attach and drain reject, gracefulDrain throws, nothing is installed`, async (t) => {
+      const n = await notifyServer(t);
+      const server = make();
+      t.after(() => closeServer(server));
+      const before = { term: process.listenerCount('SIGTERM'), request: server.listenerCount('request') };
+      const unsupported = (fn) => (err) => {
+        assert.ok(err instanceof TypeError, err);
+        assert.match(err.message, new RegExp(`${fn}\\(\\) does not support HTTP/2 servers`));
+        assert.match(err.message, name);
+        return true;
+      };
+      await withEnv({ ...STANDALONE, NOTIFY_SOCKET: n.env }, async () => {
+        await assert.rejects(serve(server, { log: false }), unsupported('serve'));
+        await assert.rejects(attach(server), unsupported('attach'));
+        await assert.rejects(drain(server, { log: false }), unsupported('drain'));
+        assert.throws(() => gracefulDrain(server, { log: false }), unsupported('gracefulDrain'));
+      });
+      assert.equal(server.listening, false);
+      assert.equal(process.listenerCount('SIGTERM'), before.term);
+      assert.equal(server.listenerCount('request'), before.request);
+      assert.equal(isDraining(), false, 'no drain was started');
+      assert.deepEqual(await n.soFar(), []);
+    });
+  }
+
+  test('HTTP/1 servers from node:http and node:https are still accepted', () => {
+    gracefulDrain(http.createServer(), { signals: [] });
+    gracefulDrain(https.createServer(), { signals: [] });
   });
 });
 
@@ -573,6 +681,38 @@ describe('drain', () => {
       process.stderr.write = orig;
     }
     assert.deepEqual(writes.filter((w) => w.includes('containerflip')), []);
+  });
+
+  test('a server drained before it listens cannot be attached or served: it would never be closed', async (t) => {
+    const n = await notifyServer(t);
+    const server = http.createServer();
+    t.after(() => closeServer(server));
+    await drain(server, { log: false });
+    const before = { term: process.listenerCount('SIGTERM'), request: server.listenerCount('request') };
+    await withEnv({ ...STANDALONE, NOTIFY_SOCKET: n.env }, async () => {
+      await assert.rejects(attach(server), /attach\(\) was given a server that is already draining/);
+      await assert.rejects(serve(server, { log: false }), /serve\(\) was given a server that is already draining/);
+    });
+    assert.equal(server.listening, false);
+    assert.equal(process.listenerCount('SIGTERM'), before.term, 'serve() installed nothing');
+    assert.equal(server.listenerCount('request'), before.request);
+    assert.deepEqual(await n.soFar(), [], 'no READY=1');
+  });
+
+  test('serve() sends no READY=1 for a server whose drain began while it was starting', async (t) => {
+    const n = await notifyServer(t);
+    const server = http.createServer();
+    t.after(() => closeServer(server));
+    // Runs before attach's own 'listening' listener: the drain (a stop
+    // signal, say) begins before serve() gets to READY=1.
+    server.once('listening', () => { drain(server, { log: false }); });
+    const { lines, log } = collectLog();
+    await withEnv({ ...STANDALONE, NOTIFY_SOCKET: n.env }, async () => {
+      assert.equal(await serve(server, { signals: [], log }), server);
+    });
+    assert.deepEqual(await n.soFar(), [], 'no READY=1 from a draining server');
+    assert.ok(lines.some((l) => /READY=1 not sent/.test(l)), lines.join('\n'));
+    assert.ok(!lines.some((l) => /READY=1 sent/.test(l)), lines.join('\n'));
   });
 
   test('rejects bad options', async () => {

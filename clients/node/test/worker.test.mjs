@@ -135,6 +135,57 @@ describe('drain on SIGTERM', () => {
     assert.match(w.stderr.text(), /grace period of 200ms over: closing 1 remaining connection/);
   });
 
+  test('a second SIGTERM during the drain changes nothing: the held response completes, exit 0', async (t) => {
+    // The handler must stay subscribed: with no listener left, the second
+    // SIGTERM would take its default action and kill the worker mid-drain.
+    const w = await spawnWorker(t, WORKER, { env: { DRAIN_GRACE_MS: '600000' } });
+    await w.notify.first();
+    const held = request(w.port, { path: '/hold' });
+    await w.stdout.waitFor(/^HELD 1$/);
+    w.child.kill('SIGTERM');
+    await w.stderr.waitFor(/draining: no longer accepting/);
+    w.child.kill('SIGTERM');
+    await w.stderr.waitFor(/SIGTERM received again: already draining/);
+    w.child.kill('SIGUSR2');
+    const r = await held;
+    assert.equal(r.status, 200);
+    assert.equal(r.headers.connection, 'close');
+    assert.match(r.body, /held response/);
+    assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
+    assert.equal(w.stderr.lines.filter((l) => /draining: no longer accepting/.test(l)).length, 1, 'one drain, not two');
+  });
+
+  // Two listeners (LISTEN_FDS=2, fd 4 found through LISTEN_FDNAMES), each
+  // with its own gracefulDrain(): the exit waits for both drains, whichever
+  // of the two is the slow one.
+  for (const [which, slow] of [['the second server (fd 4)', 1], ['the first server (fd 3)', 0]]) {
+    test(`two servers: no exit before ${which}, which holds a request, has drained`, async (t) => {
+      const w = await spawnWorker(t, WORKER, {
+        fds: 2, names: 'web:admin', env: { CF_MODE: 'two-servers', DRAIN_GRACE_MS: '600000' },
+      });
+      assert.equal(await w.notify.first(), 'READY=1\n');
+      const admin = await w.stdout.waitFor(/^ADMIN (\{.*\})$/);
+      assert.equal(JSON.parse(admin.match[1]).port, w.ports[1], 'the admin server listens on fd 4');
+      for (const port of w.ports) assert.equal((await request(port)).status, 200);
+      const info = JSON.parse((await request(w.port, { path: '/info' })).body);
+      assert.equal(info.sigterm, 2, 'one SIGTERM handler per server');
+
+      const held = request(w.ports[slow], { path: '/hold' });
+      await w.stdout.waitFor(/^HELD 1$/);
+      w.child.kill('SIGTERM');
+      // The other server has nothing in flight, so its drain ends first.
+      await w.stderr.waitFor(/drained in \d+ms \(idle\)/);
+      w.child.kill('SIGUSR2');
+      const r = await held;
+      assert.equal(r.status, 200);
+      assert.equal(r.headers.connection, 'close');
+      assert.match(r.body, /held response/);
+      assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
+      assert.equal(w.stderr.lines.filter((l) => /drained in \d+ms \(idle\)/.test(l)).length, 2, w.stderr.text());
+      assert.equal(w.stderr.lines.filter((l) => /exiting with status 0/.test(l)).length, 1, w.stderr.text());
+    });
+  }
+
   test('signal handlers are additive: the app\'s own SIGTERM listener runs too', async (t) => {
     const w = await spawnWorker(t, WORKER, { env: { CF_USER_SIGTERM: '1' } });
     await w.notify.first();

@@ -1,6 +1,7 @@
 // Compiled with `tsc --noEmit` by test/package.test.mjs: every export used
 // the way the README shows, plus lines that must NOT typecheck.
 import http from 'node:http';
+import http2 from 'node:http2';
 import https from 'node:https';
 import net from 'node:net';
 import {
@@ -36,6 +37,8 @@ async function main(): Promise<void> {
   const raw: net.Server = await attach(net.createServer(), { fd: 3 });
   const a: AttachOptions = { port: '8080' };
   await attach(server, a);
+  const admin: http.Server = await attach(http.createServer(), { fd: 4, port: 0 });
+  gracefulDrain(admin);
 
   const r: void = await notifyReady();
 
@@ -64,6 +67,16 @@ async function main(): Promise<void> {
   await serve(net.createServer());
   // @ts-expect-error notifyReady takes no arguments
   await notifyReady('READY=1');
+  // @ts-expect-error HTTP/2 is not supported
+  await serve(http2.createServer());
+  // @ts-expect-error HTTP/2 is not supported
+  await attach(http2.createServer());
+  // @ts-expect-error HTTP/2 is not supported
+  await attach(http2.createSecureServer());
+  // @ts-expect-error HTTP/2 is not supported
+  gracefulDrain(http2.createSecureServer());
+  // @ts-expect-error HTTP/2 is not supported
+  await drain(http2.createServer());
 }
 
 void main;
