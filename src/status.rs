@@ -202,5 +202,16 @@ mod tests {
             super::json_str("a\"b\\c\n\u{1}"),
             "\"a\\\"b\\\\c\\n\\u0001\""
         );
+        // Every control character comes out escaped, never raw.
+        for c in (0..0x20u8).chain([0x7f]).map(char::from) {
+            let out = super::json_str(&c.to_string());
+            let want = match c {
+                '\n' => "\"\\n\"".to_string(),
+                '\r' => "\"\\r\"".to_string(),
+                '\t' => "\"\\t\"".to_string(),
+                c => format!("\"\\u{:04x}\"", c as u32),
+            };
+            assert_eq!(out, want, "U+{:04X}", c as u32);
+        }
     }
 }

@@ -699,6 +699,27 @@ fn status_json_parses_and_has_the_fields() {
     );
 }
 
+/// The last STATUS= wins, across messages and within one; `status --json`
+/// carries it, control characters and all, through a strict JSON parser.
+#[test]
+fn the_latest_status_wins_and_json_carries_it_exactly() {
+    let dir = TempDir::new("ctl-statuslast");
+    let (_sup, _addr, pid1) = start(&dir, &[], &[]);
+    let sock = notify_socket(&_sup.records, pid1);
+    send_dgram(&sock, b"STATUS=one");
+    send_dgram(&sock, b"STATUS=two\nSTATUS=three \x1b\x01\x7f\"q\"\\");
+    let script = "print(ascii([g['status'] for g in d['generations']]))";
+    let want = r#"['three \x1b\x01\x7f"q"\\']"#;
+    let mut got = String::new();
+    wait_until("the last STATUS= in status --json", || {
+        got = status_json(&dir, script);
+        got.trim_end() == want
+    });
+    let table = cf(&dir, "status", &[]).stdout;
+    assert!(table.contains("three "), "{table}");
+    assert!(!table.contains("two") && !table.contains("one"), "{table}");
+}
+
 #[test]
 fn status_check_is_1_while_the_only_generation_is_starting() {
     let dir = TempDir::new("ctl-check-start");

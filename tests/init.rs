@@ -861,6 +861,44 @@ fn usr1_and_usr2_reach_the_active_worker_not_a_draining_one() {
     assert!(sup.wait_exit().success());
 }
 
+/// During a deploy, a forwarded signal goes to the active generation, not
+/// to the one still starting (the newest one).
+#[test]
+fn usr1_during_a_deploy_reaches_the_active_worker_not_the_starting_one() {
+    let dir = TempDir::new("forward-starting");
+    let control = control_path(&dir);
+    let env_file = dir.join("worker.env");
+    write_file(&env_file, "");
+    let mut sup = Supervisor::start(
+        &dir,
+        &run_args(&control, &["--env-file", env_file.to_str().unwrap()]),
+        &[("RUNTIME_DIRECTORY", dir.str())],
+    );
+    let w1 = sup.wait_ready(1);
+    // Gen 2 starts and waits for a READY=1 the test sends.
+    write_file(&env_file, "WORKER_NO_READY=1\n");
+    sup.signal(libc::SIGHUP);
+    let (w2, _) = sup.wait_gen(2, "spawned");
+    let sock2 = notify_socket(&sup.records, w2); // its handlers are in place
+
+    sup.signal(libc::SIGUSR1);
+    wait_event(&sup.records, w1, "signal 10");
+    // A marker straight to gen 2 after gen 1 heard the forwarded signal:
+    // had gen 2 been sent SIGUSR1 too, it would be recorded before it.
+    kill(w2 as i32, libc::SIGWINCH);
+    wait_event(&sup.records, w2, "signal 28");
+    let starting = events(&sup.records, w2);
+    assert!(
+        !starting.iter().any(|e| e == "signal 10"),
+        "a starting generation got a forwarded signal: {starting:?}"
+    );
+
+    send_dgram(&sock2, b"READY=1");
+    assert_eq!(sup.wait_ready(2), w2);
+    sup.signal(libc::SIGTERM);
+    assert!(sup.wait_exit().success());
+}
+
 // ---------------------------------------------------------------------------
 // 7. contrib/systemd.
 
