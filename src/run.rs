@@ -74,7 +74,7 @@ fn start(cfg: &mut RunConfig) -> Result<Parts, Error> {
     } else if let Err(e) = sys::set_child_subreaper() {
         warn!("unable to become a child subreaper ({e}); daemonized grandchildren will escape");
     }
-    if !crate::supervisor::proc_is_ours() {
+    if !crate::reap::proc_is_ours() {
         warn!(
             "/proc is not this PID namespace's (mount one, e.g. unshare --mount-proc): \
              daemonized leftovers are not looked for at stop"

@@ -28,13 +28,13 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::io::Errno;
-use rustix::process::{WaitOptions, wait};
 
 use crate::cli::{OnCrash, RunConfig, format_duration};
 use crate::control::{self, ClientId, Control, Request};
 use crate::generation::{Exit, Generation, State};
 use crate::listen::Listener;
 use crate::notify::{self, Event, Message, NotifySocket};
+use crate::reap;
 use crate::rundir::RunDir;
 use crate::signals::{self, Signals};
 use crate::spawn;
@@ -308,17 +308,14 @@ impl Supervisor {
                 .iter()
                 .find(|g| g.n == n && g.running())
                 .map(|g| g.pid)
+                && reap::lost(pid)
             {
-                let pid = rustix::process::Pid::from_raw(pid).expect("worker pids are positive");
-                if let Err(Errno::CHILD) = rustix::process::waitpid(Some(pid), WaitOptions::NOHANG)
-                {
-                    warn!(
-                        "{} exited but its status was lost (was SIGCHLD ignored?)",
-                        self.tag(n)
-                    );
-                    self.on_exit(n, Exit::Code(1), now);
-                    self.sweep();
-                }
+                warn!(
+                    "{} exited but its status was lost (was SIGCHLD ignored?)",
+                    self.tag(n)
+                );
+                self.on_exit(n, Exit::Code(1), now);
+                self.sweep();
             }
         }
         self.expire(Instant::now());
@@ -904,25 +901,13 @@ impl Supervisor {
     /// The single reaper: `waitpid(-1, WNOHANG)` until nothing is left,
     /// collecting every exited child, ours or orphaned.
     fn reap(&mut self, now: Instant) {
-        loop {
-            match wait(WaitOptions::NOHANG) {
-                Ok(Some((pid, status))) => {
-                    let pid = pid.as_raw_nonzero().get();
-                    let exit = Exit::from_wait(status);
-                    match self.gens.iter().find(|g| g.pid == pid && g.running()) {
-                        Some(g) => {
-                            let n = g.n;
-                            self.on_exit(n, exit, now);
-                        }
-                        None => debug!("reaped pid {pid} ({exit})"),
-                    }
+        for (pid, exit) in reap::collect() {
+            match self.gens.iter().find(|g| g.pid == pid && g.running()) {
+                Some(g) => {
+                    let n = g.n;
+                    self.on_exit(n, exit, now);
                 }
-                Ok(None) | Err(Errno::CHILD) => break,
-                Err(Errno::INTR) => continue,
-                Err(e) => {
-                    warn!("waitpid failed: {e}");
-                    break;
-                }
+                None => debug!("reaped pid {pid} ({exit})"),
             }
         }
         self.sweep();
@@ -942,7 +927,7 @@ impl Supervisor {
         // One deadline for the whole stop: a stray found late (reparented
         // when its parent died at the deadline) gets SIGKILL at once.
         let kill_now = stop.forced || now >= stop.deadline;
-        let strays = orphans(&self.gens, &stop.killed_groups);
+        let strays = reap::orphans(&self.gens, &stop.killed_groups);
         // A reaped pid may come back as another process: forget it.
         stop.killed.retain(|p| strays.contains(p));
         for &pid in &strays {
@@ -1181,7 +1166,7 @@ impl Supervisor {
         {
             // They stay `strays` until reaped: the exit waits for that.
             stop.orphan_deadline = None;
-            for pid in orphans(&self.gens, &stop.killed_groups) {
+            for pid in reap::orphans(&self.gens, &stop.killed_groups) {
                 if !stop.killed.contains(&pid) {
                     warn!("pid {pid} killed at drain deadline (left behind by a worker)");
                     let _ = crate::sys::kill(pid, libc::SIGKILL);
@@ -1244,7 +1229,7 @@ impl Supervisor {
                     stop.killed_groups.push(g.pid);
                 }
                 self.gens.retain(|g| g.running());
-                for pid in orphans(&self.gens, &stop.killed_groups) {
+                for pid in reap::orphans(&self.gens, &stop.killed_groups) {
                     let _ = crate::sys::kill(pid, libc::SIGKILL);
                 }
                 stop.orphan_deadline = None;
@@ -1379,48 +1364,4 @@ fn exited(pidfd: &std::os::fd::OwnedFd) -> bool {
         tv_nsec: 0,
     };
     matches!(poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
-}
-
-/// Our children that are not generation workers nor in a tracked
-/// generation's process group (that group already got the stop signal and
-/// has its own deadline) nor in a group that got SIGKILL (dying): daemons
-/// that left their group and were reparented to us as PID 1 or child
-/// subreaper. Read from /proc, only while stopping.
-fn orphans(gens: &[Generation], killed_groups: &[i32]) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    // A /proc of another PID namespace lists other processes under our
-    // numbers: never signal those (`run` warned at start).
-    if !proc_is_ours() {
-        return Vec::new();
-    }
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| !gens.iter().any(|g| g.pid == *pid))
-        .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            // "pid (comm) S ppid …": comm may hold spaces and parentheses.
-            let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-            let mut fields = after.split_whitespace();
-            let state = fields.next();
-            let ppid = fields.next().and_then(|p| p.parse::<i32>().ok());
-            let pgrp = fields.next().and_then(|p| p.parse::<i32>().ok());
-            // A worker leads its generation's group: pgid == worker pid.
-            let in_a_group = pgrp
-                .is_some_and(|pg| gens.iter().any(|g| g.pid == pg) || killed_groups.contains(&pg));
-            ppid == Some(me) && state != Some("Z") && !in_a_group
-        })
-        .collect()
-}
-
-/// Whether /proc shows our own PID namespace (`/proc/self` is our pid), as
-/// it does unless a new PID namespace was made without mounting a new
-/// /proc (`unshare --pid --fork` without `--mount-proc`).
-pub fn proc_is_ours() -> bool {
-    std::fs::read_link("/proc/self")
-        .is_ok_and(|p| p.to_str() == Some(std::process::id().to_string().as_str()))
 }
