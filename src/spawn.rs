@@ -220,11 +220,46 @@ fn resolve(program: &OsStr, env: &[(OsString, OsString)], chdir: Option<&Path>) 
     None
 }
 
+/// An env file larger than this is refused.
+const MAX_ENV_FILE: u64 = 1 << 20;
+
+/// The whole of a regular file of at most `max` bytes. It is read from the
+/// event loop at every spawn, so nothing may make that read block or grow
+/// without end: O_NONBLOCK keeps a FIFO from blocking the open, and
+/// anything but a regular file (a FIFO, /dev/zero) is refused.
+fn read_small_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::other(format!(
+            "larger than {} KiB",
+            max / 1024
+        )));
+    }
+    let mut text = Vec::new();
+    file.take(max + 1).read_to_end(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(std::io::Error::other(format!(
+            "larger than {} KiB",
+            max / 1024
+        )));
+    }
+    Ok(text)
+}
+
 /// `KEY=VALUE` lines; blank lines and `#` comments skipped; a value in
 /// matching single or double quotes loses them.
 pub fn read_env_file(path: &Path) -> Result<Vec<(OsString, OsString)>, String> {
     let shown = path.display();
-    let text = std::fs::read(path).map_err(|e| {
+    let text = read_small_file(path, MAX_ENV_FILE).map_err(|e| {
         format!(
             "unable to read env file {shown}: {}",
             crate::error::os_message(&e)

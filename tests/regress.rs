@@ -449,3 +449,57 @@ fn env_file_setting_listen_pid_fails_the_spawn_closed() {
     assert!(text(&out.stdout).contains("active gen 1"), "{out:?}");
     assert!(pid_exists(p1));
 }
+
+// ---------------------------------------------------------------------------
+// 8. The env file is read in the event loop: nothing there may block it.
+
+/// An env file swapped for a FIFO (or a device such as /dev/zero) would
+/// block the loop in open(2) or read forever: the spawn fails closed with
+/// one line instead, and the supervisor keeps answering.
+#[test]
+fn an_env_file_that_is_not_a_regular_file_fails_the_spawn_closed() {
+    let dir = TempDir::new("rg-envfifo");
+    let env_file = dir.join("env");
+    write_file(&env_file, "");
+    let sup = Supervisor::start(
+        &dir,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--env-file",
+            env_file.to_str().unwrap(),
+            "--",
+            worker(),
+        ],
+        &[],
+    );
+    let addr = sup.listen_addr();
+    sup.wait_ready(1);
+    fs::remove_file(&env_file).unwrap();
+    mkfifo(&env_file);
+    sup.signal(libc::SIGHUP);
+    let line = sup.wait_for("gen 2 failing or ready", |l| {
+        l.starts_with("containerflip: gen 2 ")
+            && (l.contains("deploy failed") || l.contains(" ready in "))
+    });
+    assert!(
+        line.contains(&format!(
+            "unable to read env file {}: not a regular file",
+            env_file.display()
+        )),
+        "{line}"
+    );
+    assert_eq!(served_gen(addr), 1);
+    let out = client(&dir, "status", &[]);
+    assert!(text(&out.stdout).contains("active gen 1"), "{out:?}");
+
+    // /dev/zero: a device, refused the same way (not read until memory
+    // runs out).
+    fs::remove_file(&env_file).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &env_file).unwrap();
+    sup.signal(libc::SIGHUP);
+    sup.wait_for("the second failure", |l| {
+        l.contains("deploy failed") && l.contains("not a regular file") && !l.contains("gen 2 ")
+    });
+    assert_eq!(served_gen(addr), 1);
+}
