@@ -122,7 +122,9 @@ pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
         set(&mut env, "DRAIN_GRACE_MS".into(), ms.to_string().into());
     }
 
-    let program = &req.command[0];
+    // Never empty: `run` and the control protocol both refuse an empty
+    // command; still, an error here rather than a panic.
+    let program = req.command.first().ok_or("the command is empty")?;
     let path = resolve(program, &env, req.chdir);
     let path = path
         .map(|p| cstring(p.as_os_str().as_bytes().to_vec()))

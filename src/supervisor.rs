@@ -814,7 +814,7 @@ impl Supervisor {
         match e {
             Event::Message(Message::Ready) => self.promote(n, now),
             Event::Message(Message::Status(s)) => {
-                debug!("{} STATUS={s}", g.tag());
+                debug!("{} STATUS={}", g.tag(), crate::log::printable(&s));
                 g.status_text = Some(s);
             }
             Event::Message(Message::Stopping) => {
@@ -869,13 +869,18 @@ impl Supervisor {
                     info!("{} reported ERRNO={errno} ({text})", g.tag());
                 }
             }
-            Event::Message(Message::Ignored(line)) => debug!("{} sent {line} (ignored)", g.tag()),
+            Event::Message(Message::Ignored(line)) => debug!(
+                "{} sent {} (ignored)",
+                g.tag(),
+                crate::log::printable(&line)
+            ),
             Event::Malformed(why) => {
                 if !g.noisy {
                     g.noisy = true;
                     warn!(
-                        "{} bad notify message dropped: {why} (not logged again for this generation)",
-                        g.tag()
+                        "{} bad notify message dropped: {} (not logged again for this generation)",
+                        g.tag(),
+                        crate::log::printable(&why)
                     );
                 }
             }
@@ -966,7 +971,10 @@ impl Supervisor {
             }
             spawn::ExecReport::Failed(stage, e) => {
                 let what = match stage {
-                    crate::sys::Stage::Exec => g.command[0].to_string_lossy().into_owned(),
+                    crate::sys::Stage::Exec => g
+                        .command
+                        .first()
+                        .map_or_else(String::new, |c| crate::log::printable(&c.to_string_lossy())),
                     crate::sys::Stage::Chdir => {
                         chdir.map_or_else(String::new, |d| d.display().to_string())
                     }

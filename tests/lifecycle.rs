@@ -188,6 +188,31 @@ fn a_missed_extended_deadline_says_so() {
     assert_eq!(sup.wait_exit().code(), Some(1));
 }
 
+/// Text a worker chose reaches the log with its control characters
+/// escaped: a CR or an escape sequence cannot forge a line or clear the
+/// operator's screen.
+#[test]
+fn worker_text_in_log_lines_is_escaped() {
+    let dir = TempDir::new("logescape");
+    let sup = Supervisor::start(&dir, &worker_args(&["-v"]), &[]);
+    let p1 = sup.wait_ready(1);
+    let sock = notify_socket(&sup.records, p1);
+    send_dgram(&sock, b"STATUS=a\rcontainerflip: gen 9 pid 1 ready in 1ms");
+    send_dgram(&sock, b"bad\x1b[2Jline");
+    let status = sup.wait_line(&format!("gen 1 pid {p1} STATUS=a"));
+    assert!(
+        status.ends_with(r"STATUS=a\rcontainerflip: gen 9 pid 1 ready in 1ms"),
+        "{status:?}"
+    );
+    let bad = sup.wait_line(&format!("gen 1 pid {p1} bad notify message dropped"));
+    assert!(bad.contains(r"bad\u{1b}[2Jline"), "{bad:?}");
+    let lines = sup.lines();
+    assert!(
+        !lines.iter().any(|l| l.starts_with("containerflip: gen 9 ")),
+        "a forged line: {lines:?}"
+    );
+}
+
 #[test]
 fn errno_is_logged() {
     let dir = TempDir::new("errno");
