@@ -415,7 +415,7 @@ fn duration(p: &mut lexopt::Parser, opt: &str) -> Result<Duration> {
     let v = string(p, opt)?;
     parse_duration(&v).ok_or_else(|| {
         Usage(format!(
-            "{opt}: expected a duration like 500ms, 30s or 2m, got '{v}'"
+            "{opt}: expected a duration like 500ms, 30s or 2m (at most 876000h), got '{v}'"
         ))
     })
 }

@@ -80,7 +80,12 @@ pub fn default_path() -> PathBuf {
         return p.into();
     }
     for dir in ["RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"] {
-        if let Some(d) = var(dir).and_then(|v| std::env::split_paths(&v).next()) {
+        // Relative directories are ignored, as for the runtime directory:
+        // the socket must not land wherever we happen to run.
+        if let Some(d) = var(dir)
+            .and_then(|v| std::env::split_paths(&v).next())
+            .filter(|d| d.is_absolute())
+        {
             return d.join("containerflip.sock");
         }
     }

@@ -164,7 +164,13 @@ pub fn ensure_stdio() {
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
             // SAFETY: open with a NUL-terminated literal; the returned fd is
             // the lowest free one, i.e. `fd`, and stays open for our life.
-            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+            // Without /dev/null (a bare image), an O_PATH fd of / holds the
+            // slot: writes to it fail, but nothing else can land there.
+            unsafe {
+                if libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) == -1 {
+                    libc::open(c"/".as_ptr(), libc::O_PATH);
+                }
+            };
         }
     }
 }
@@ -185,7 +191,8 @@ pub fn cloexec_from(from: RawFd) {
         };
         if fd >= from {
             // SAFETY: F_GETFD/F_SETFD on an integer fd; a closed fd fails
-            // harmlessly (the directory's own fd is gone by then).
+            // harmlessly, and the directory's own fd (still open while we
+            // iterate) is CLOEXEC already.
             unsafe {
                 let flags = libc::fcntl(fd, libc::F_GETFD);
                 if flags >= 0 {
@@ -309,7 +316,14 @@ fn exec_child(plan: &mut ChildPlan<'_>) -> ! {
         // waits on the error pipe. The raw system call, because glibc's
         // sigaction refuses the signals it reserves (32, 33), which a
         // parent using posix_spawn leaves ignored. The kernel's layout is
-        // handler, flags, (restorer,) mask: all-zero but the handler.
+        // handler, flags, (restorer,) mask: all-zero but the handler, as
+        // 64-bit words on the 64-bit targets checked below.
+        #[cfg(not(any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            target_arch = "riscv64"
+        )))]
+        compile_error!("struct kernel_sigaction is laid out for 64-bit Linux targets only");
         for handler in [1u64 /* SIG_IGN */, 0 /* SIG_DFL */] {
             let action = [handler, 0, 0, 0];
             for sig in 1..NSIG {
