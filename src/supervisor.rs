@@ -158,6 +158,7 @@ enum Source {
     ExecReport(u64),
     Notify(u64, RawFd),
     Control(RawFd),
+    Upstream,
 }
 
 pub struct Supervisor {
@@ -294,6 +295,7 @@ impl Supervisor {
                 Source::ExecReport(n) => self.on_exec_report(n),
                 Source::Signals => reap |= self.on_signals(now),
                 Source::Control(fd) => self.on_control(fd, flags, now),
+                Source::Upstream => self.upstream.iter().for_each(Upstream::flush),
             }
         }
         if reap {
@@ -347,6 +349,10 @@ impl Supervisor {
                 sources.push(Source::Control(fd.as_raw_fd()));
                 fds.push(PollFd::from_borrowed_fd(fd, flags));
             }
+        }
+        if let Some(fd) = self.upstream.as_ref().and_then(Upstream::poll_fd) {
+            sources.push(Source::Upstream);
+            fds.push(PollFd::from_borrowed_fd(fd, PollFlags::OUT));
         }
         let ts = timeout.map(|d| Timespec {
             tv_sec: d.as_secs() as _,

@@ -1,24 +1,29 @@
 //! sd_notify towards whoever started us (systemd, with `Type=notify` or
 //! `Type=notify-reload`): READY, RELOADING with MONOTONIC_USEC, STOPPING
-//! and STATUS, as datagrams to our own `$NOTIFY_SOCKET`. As libsystemd's
-//! sd_notify, a send waits while systemd's queue is full (a dropped
-//! READY=1 would get the service killed at its start timeout), but for
-//! at most [`SEND_TIMEOUT`]: a stuck receiver cannot stall the loop for
-//! long. A message still lost is a warning, never fatal.
+//! and STATUS, as datagrams to our own `$NOTIFY_SOCKET`.
+//!
+//! The socket is connected, so that poll reports it writable only when
+//! the receiver's queue has room. A message that meets a full queue waits
+//! in ours, in order, and goes out when the event loop sees it writable:
+//! nothing is dropped for a busy systemd (a lost READY=1 would get the
+//! service killed at its start timeout) and the loop never blocks on it.
+//! A message the socket refuses outright is a warning, never fatal.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 
-use std::time::Duration;
+use rustix::io::Errno;
+use rustix::net::{self, AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 
-use rustix::net::{
-    self, AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType, sockopt,
-};
-
-const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Messages waiting for room at most; past this the newest are dropped
+/// (a receiver that reads nothing for this long is not there).
+const MAX_PENDING: usize = 64;
 
 pub struct Upstream {
     fd: std::os::fd::OwnedFd,
-    addr: SocketAddrUnix,
+    pending: RefCell<VecDeque<Vec<u8>>>,
 }
 
 impl Upstream {
@@ -36,25 +41,60 @@ impl Upstream {
         let fd = net::socket_with(
             AddressFamily::UNIX,
             SocketType::DGRAM,
-            SocketFlags::CLOEXEC,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
             None,
         )
         .ok()?;
-        sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, Some(SEND_TIMEOUT)).ok()?;
-        Some(Upstream { fd, addr })
+        if let Err(e) = net::connect(&fd, &addr) {
+            crate::warn!(
+                "unable to reach our own NOTIFY_SOCKET {}: {e}; not notifying it",
+                path.to_string_lossy()
+            );
+            return None;
+        }
+        Some(Upstream {
+            fd,
+            pending: RefCell::new(VecDeque::new()),
+        })
     }
 
+    /// Send `msg`, or queue it behind those still waiting for room.
     pub fn send(&self, msg: &str) {
-        let sent = loop {
-            match net::sendto(&self.fd, msg.as_bytes(), SendFlags::NOSIGNAL, &self.addr) {
-                Err(rustix::io::Errno::INTR) => continue,
-                other => break other,
-            }
-        };
-        if let Err(e) = sent {
-            let first = msg.lines().next().unwrap_or_default();
-            crate::warn!("unable to tell our own NOTIFY_SOCKET {first}: {e}");
+        let mut pending = self.pending.borrow_mut();
+        if pending.len() >= MAX_PENDING {
+            crate::debug!(
+                "sd_notify queue full; dropped: {}",
+                first_line(msg.as_bytes())
+            );
+            return;
         }
+        pending.push_back(msg.as_bytes().to_vec());
+        drop(pending);
+        self.flush();
+    }
+
+    /// Send what waits, in order, until the receiver's queue is full.
+    pub fn flush(&self) {
+        let mut pending = self.pending.borrow_mut();
+        while let Some(msg) = pending.front() {
+            match net::send(&self.fd, msg, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
+                Ok(_) => {}
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => return,
+                Err(e) => {
+                    crate::warn!(
+                        "unable to tell our own NOTIFY_SOCKET {}: {e}",
+                        first_line(msg)
+                    );
+                }
+            }
+            pending.pop_front();
+        }
+    }
+
+    /// The socket to watch for room, while messages wait.
+    pub fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
+        (!self.pending.borrow().is_empty()).then(|| self.fd.as_fd())
     }
 
     /// `RELOADING=1` with the CLOCK_MONOTONIC time systemd asks for.
@@ -65,4 +105,9 @@ impl Upstream {
             "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=deploying"
         ));
     }
+}
+
+fn first_line(msg: &[u8]) -> String {
+    let line = msg.split(|&b| b == b'\n').next().unwrap_or_default();
+    String::from_utf8_lossy(line).into_owned()
 }

@@ -516,6 +516,50 @@ fn under_systemd(dir: &TempDir, run_args: &[&str]) -> (UnixDatagram, Supervisor)
     (sock, sup)
 }
 
+/// A systemd whose notify queue is full when containerflip becomes ready:
+/// READY=1 waits in containerflip's own queue, in order, while its loop
+/// goes on (it answers `status`), and arrives once there is room. Neither
+/// dropped nor sent with the loop blocked.
+#[test]
+fn sd_notify_upward_waits_for_room_without_blocking() {
+    let dir = TempDir::new("sd-full");
+    let path = dir.join("systemd-notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind our notify socket");
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+    // Fill its queue (net.unix.max_dgram_qlen datagrams) from another
+    // socket until the kernel says no more.
+    let filler = UnixDatagram::unbound().unwrap();
+    filler.connect(&path).unwrap();
+    filler.set_nonblocking(true).unwrap();
+    let mut junk = 0;
+    while filler.send(b"X-FILLER=1").is_ok() {
+        junk += 1;
+        assert!(junk < 1_000_000, "the queue never filled");
+    }
+    let control = control_path(&dir);
+    let sup = Supervisor::start(
+        &dir,
+        &run_args(&control, &[]),
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("RUNTIME_DIRECTORY", dir.str()),
+        ],
+    );
+    sup.wait_ready(1);
+    // The loop is free: a control request is answered while READY=1 waits.
+    let out = run_client(client_cmd_at(Path::new(&control), "status", &["--check"]));
+    assert_eq!(out.code(), 0, "{out:?}");
+    let mut log = Vec::new();
+    let ready = recv_until(&sock, "READY", &mut log);
+    assert_eq!(
+        log.iter().filter(|m| m.as_str() == "X-FILLER=1").count(),
+        junk,
+        "everything queued before it came first"
+    );
+    assert!(ready.contains("STATUS="), "{ready:?}");
+    assert_eq!(sup.count("unable to tell our own NOTIFY_SOCKET"), 0);
+}
+
 /// Acts as systemd: `sock` is bound at `notify_socket`, which the
 /// supervisor gets as `NOTIFY_SOCKET`.
 fn speaks_sd_notify_upward(dir: &TempDir, sock: UnixDatagram, notify_socket: &str) {
