@@ -255,6 +255,11 @@ fn parse_run(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
                 let v = string(&mut p, "--listen")?;
                 let spec =
                     listen::Spec::parse(&v).map_err(|e| Usage(format!("--listen '{v}': {e}")))?;
+                if c.listen.iter().any(|l| l.addr.clashes(&spec.addr)) {
+                    return Err(Usage(format!(
+                        "--listen '{v}': that address (or its port on all addresses) is already given"
+                    )));
+                }
                 c.listen.push(spec);
             }
             Long("backlog") => {
@@ -278,7 +283,17 @@ fn parse_run(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
                 let d = duration(&mut p, "--ready-timeout")?;
                 c.ready_timeout = (!d.is_zero()).then_some(d);
             }
-            Long("drain-timeout") => c.drain_timeout = duration(&mut p, "--drain-timeout")?,
+            Long("drain-timeout") => {
+                c.drain_timeout = duration(&mut p, "--drain-timeout")?;
+                // Unlike --ready-timeout 0 (wait forever), a zero here would
+                // SIGKILL every retiring generation at once: say so.
+                if c.drain_timeout.is_zero() {
+                    return Err(Usage(
+                        "--drain-timeout: must be more than 0 (a drain needs time to finish requests)"
+                            .into(),
+                    ));
+                }
+            }
             Long("stop-signal") => {
                 let v = string(&mut p, "--stop-signal")?;
                 c.stop_signal = signals::parse(&v).ok_or_else(|| {

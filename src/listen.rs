@@ -36,6 +36,20 @@ pub enum Addr {
     Fd(RawFd),
 }
 
+impl Addr {
+    /// Whether binding both would collide with ourselves: the same address
+    /// twice, or a port on all addresses and on one of them. Port 0 (the
+    /// kernel picks) never collides.
+    pub fn clashes(&self, other: &Addr) -> bool {
+        match (self, other) {
+            (Addr::Any(0), _) | (_, Addr::Any(0)) => false,
+            (Addr::Tcp(a), _) | (_, Addr::Tcp(a)) if a.port() == 0 => false,
+            (Addr::Any(p), Addr::Tcp(a)) | (Addr::Tcp(a), Addr::Any(p)) => a.port() == *p,
+            (a, b) => a == b,
+        }
+    }
+}
+
 impl Spec {
     pub fn parse(s: &str) -> std::result::Result<Spec, String> {
         let (name, addr) = match s.split_once('=') {
@@ -406,6 +420,20 @@ fn park(listeners: Vec<Listener>) -> Result<Vec<Listener>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clashes() {
+        let a = |s: &str| Spec::parse(s).unwrap().addr;
+        assert!(a("9001").clashes(&a(":9001")));
+        assert!(a(":9001").clashes(&a("127.0.0.1:9001")));
+        assert!(a("[::1]:9001").clashes(&a("9001")));
+        assert!(a("unix:/x.sock").clashes(&a("web=unix:/x.sock")));
+        assert!(a("fd:3").clashes(&a("fd:3")));
+        assert!(!a("127.0.0.1:0").clashes(&a("127.0.0.1:0")));
+        assert!(!a("127.0.0.1:9001").clashes(&a("127.0.0.2:9001")));
+        assert!(!a("9001").clashes(&a("9002")));
+        assert!(!a("0").clashes(&a("127.0.0.1:0")));
+    }
 
     #[test]
     fn specs() {

@@ -1662,6 +1662,14 @@ fn usage_errors_exit_two_with_one_line() {
             "--stop-signal: SIGCHLD does not end a process",
         ),
         (
+            vec!["--listen", "127.0.0.1:0", "--drain-timeout", "0", "--", w],
+            "--drain-timeout: must be more than 0",
+        ),
+        (
+            vec!["--listen", "127.0.0.1:9", "--listen", ":9", "--", w],
+            "--listen ':9': that address (or its port on all addresses) is already given",
+        ),
+        (
             vec!["--listen", "127.0.0.1:0", "--on-crash", "panic", "--", w],
             "--on-crash",
         ),
