@@ -39,14 +39,30 @@ pub fn printable(s: &str) -> String {
     out
 }
 
+/// The OS error of the first write to stdout that failed (0: none).
+static OUT_ERROR: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
 /// Write `text` and a newline to stdout (the client commands' output).
-/// A closed or full stdout is not worth a panic: the caller already went
-/// away, and with `panic = "abort"` a panic would be a SIGABRT.
+/// A failed write is not worth a panic (with `panic = "abort"`, a
+/// SIGABRT): it is remembered, and [`out_error`] turns it into an exit
+/// status, so `status --json > file` on a full disk does not succeed.
 pub fn out(text: &str) {
     let mut buf = Vec::with_capacity(text.len() + 1);
     buf.extend_from_slice(text.as_bytes());
     buf.push(b'\n');
-    let _ = std::io::stdout().write_all(&buf);
+    let mut stdout = std::io::stdout();
+    if let Err(e) = stdout.write_all(&buf).and_then(|()| stdout.flush()) {
+        let code = e.raw_os_error().unwrap_or(libc::EIO);
+        let _ = OUT_ERROR.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+/// Why writing to stdout failed, if it did.
+pub fn out_error() -> Option<std::io::Error> {
+    match OUT_ERROR.load(Ordering::Relaxed) {
+        0 => None,
+        code => Some(std::io::Error::from_raw_os_error(code)),
+    }
 }
 
 /// A lifecycle event (hidden by `-q`).

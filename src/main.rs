@@ -80,5 +80,17 @@ fn main() -> ExitCode {
         } => client::status(control, json, check),
         Command::Stop { control } => client::stop(control),
     };
+    // Output that could not be written (a full disk) is a failure, even of
+    // a command that otherwise succeeded.
+    let code = match log::out_error() {
+        Some(e) => {
+            log::line(format_args!(
+                "unable to write to stdout: {}",
+                error::os_message(&e)
+            ));
+            if code == 0 { 1 } else { code }
+        }
+        None => code,
+    };
     ExitCode::from(code.clamp(0, 255) as u8)
 }

@@ -1612,6 +1612,40 @@ fn a_closed_stdout_or_stderr_is_an_exit_status_or_sigpipe_never_a_crash() {
     }
 }
 
+/// Output that cannot be written (a full disk: /dev/full) fails the
+/// command with one line, instead of a silent exit 0 and an empty file.
+#[test]
+fn output_that_cannot_be_written_fails_the_command() {
+    let dir = TempDir::new("devfull");
+    let sup = Supervisor::start(&dir, &worker_args(&[]), &[]);
+    sup.wait_ready(1);
+    let full = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    for args in [
+        &["--version"][..],
+        &["run", "--help"],
+        &["status"],
+        &["status", "--json"],
+    ] {
+        let out = Command::new(bin())
+            .args(args)
+            .env("CONTAINERFLIP_CONTROL", control(&dir))
+            .stdout(full())
+            .output()
+            .expect("run containerflip");
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "containerflip: unable to write to stdout: No space left on device\n",
+            "{args:?}"
+        );
+    }
+}
+
 #[test]
 fn usage_errors_exit_two_with_one_line() {
     let w = worker();
