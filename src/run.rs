@@ -13,7 +13,7 @@ use crate::upstream::Upstream;
 use crate::{debug, info, log, sys, warn};
 
 /// Run the supervisor; returns the process exit status.
-pub fn run(mut cfg: RunConfig) -> i32 {
+pub fn run(cfg: RunConfig) -> i32 {
     log::set_level(cfg.verbosity);
     if cfg.listen.is_empty() && Inherited::from_env().is_ok_and(|i| i.count == 0) {
         // SPEC §2: a usage error, though only the environment tells.
@@ -26,12 +26,12 @@ pub fn run(mut cfg: RunConfig) -> i32 {
         ));
         return 2;
     }
-    match start(&mut cfg) {
+    let pidfile = cfg.pidfile.clone();
+    match start(cfg) {
         Ok(parts) => {
-            let pidfile = cfg.pidfile.clone();
-            let code = Supervisor::new(Parts { cfg, ..parts }).run();
+            let code = Supervisor::new(parts).run();
             if let Some(p) = pidfile {
-                let _ = std::fs::remove_file(p);
+                remove_pidfile(&p);
             }
             code
         }
@@ -42,7 +42,7 @@ pub fn run(mut cfg: RunConfig) -> i32 {
     }
 }
 
-fn start(cfg: &mut RunConfig) -> Result<Parts, Error> {
+fn start(mut cfg: RunConfig) -> Result<Parts, Error> {
     // Descriptors our parent leaked to us must not reach workers.
     sys::cloexec_from(listen::FIRST_FD);
     // pidfd_open arrived in Linux 5.3: say so instead of failing later.
@@ -89,19 +89,10 @@ fn start(cfg: &mut RunConfig) -> Result<Parts, Error> {
     let control = Control::bind(&control_path)?;
     debug!("control socket {}", control.path().display());
     if let Some(p) = &cfg.pidfile {
-        std::fs::write(p, format!("{}\n", std::process::id()))
-            .map_err(|e| Error::os(format!("write pidfile {}", p.display()), e))?;
+        write_pidfile(p)?;
     }
     Ok(Parts {
-        cfg: RunConfig {
-            listen: Vec::new(),
-            command: Vec::new(),
-            control: None,
-            pidfile: None,
-            chdir: None,
-            env_file: None,
-            ..*cfg
-        },
+        cfg,
         listeners,
         signals,
         rundir,
@@ -123,4 +114,40 @@ fn make_run_dir() {
             Err(e) => debug!("unable to create /run: {e}"),
         }
     }
+}
+
+/// Write our pid to `path`, unless it names another live containerflip:
+/// overwriting it (and removing it at our exit) would leave that one
+/// without its pidfile, and `kill -HUP $(cat PIDFILE)` aiming at us.
+fn write_pidfile(path: &std::path::Path) -> Result<(), Error> {
+    let shown = path.display();
+    if let Some(pid) = pid_in(path)
+        && pid != std::process::id()
+        && is_containerflip(pid)
+    {
+        return Err(Error::msg(
+            format!("write pidfile {shown}"),
+            format!("it names pid {pid}, a containerflip still running"),
+        ));
+    }
+    std::fs::write(path, format!("{}\n", std::process::id()))
+        .map_err(|e| Error::os(format!("write pidfile {shown}"), e))
+}
+
+/// Remove `path` at exit if it still names us.
+fn remove_pidfile(path: &std::path::Path) {
+    if pid_in(path) == Some(std::process::id()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn pid_in(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether `pid` is alive and runs the same program as we do (a pid
+/// reused by something else leaves a stale pidfile, to be replaced).
+fn is_containerflip(pid: u32) -> bool {
+    let comm = |p: &str| std::fs::read_to_string(format!("/proc/{p}/comm")).ok();
+    comm(&pid.to_string()).is_some_and(|c| Some(c) == comm("self"))
 }

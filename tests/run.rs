@@ -1646,6 +1646,45 @@ fn output_that_cannot_be_written_fails_the_command() {
     }
 }
 
+/// `--pidfile`: written at start, removed at exit; a stale one (naming a
+/// pid that is not a containerflip) is replaced; one naming a running
+/// containerflip is neither overwritten nor removed by a second one.
+#[test]
+fn the_pidfile_names_the_supervisor_and_is_never_taken_from_another() {
+    let dir = TempDir::new("pidfile");
+    let pidfile = dir.join("cf.pid");
+    let pidfile_s = pidfile.to_str().unwrap().to_string();
+    // Stale: our own pid (a test binary, not a containerflip).
+    write_file(&pidfile, &format!("{}\n", std::process::id()));
+    let mut a = Supervisor::start(&dir, &worker_args(&["--pidfile", &pidfile_s]), &[]);
+    a.wait_ready(1);
+    assert_eq!(
+        fs::read_to_string(&pidfile).unwrap(),
+        format!("{}\n", a.pid)
+    );
+
+    let dir_b = TempDir::new("pidfile-b");
+    let mut b = Supervisor::start(&dir_b, &worker_args(&["--pidfile", &pidfile_s]), &[]);
+    assert_eq!(b.wait_exit().code(), Some(1));
+    let line = b.wait_line("fatal: ");
+    assert!(
+        line.contains(&format!(
+            "unable to write pidfile {pidfile_s}: it names pid {}, a containerflip still running",
+            a.pid
+        )),
+        "{line}"
+    );
+    assert_eq!(b.count(" spawned"), 0);
+    assert_eq!(
+        fs::read_to_string(&pidfile).unwrap(),
+        format!("{}\n", a.pid)
+    );
+
+    a.signal(libc::SIGTERM);
+    assert!(a.wait_exit().success());
+    assert!(!pidfile.exists(), "removed at exit");
+}
+
 #[test]
 fn usage_errors_exit_two_with_one_line() {
     let w = worker();
