@@ -92,6 +92,9 @@ pub struct Generation {
     pub deadline: Option<Instant>,
     /// EXTEND_TIMEOUT_USEC moved `deadline` away from the configured one.
     pub extended: bool,
+    /// Why the child never became the worker (`unable to execute …`),
+    /// from its exec report: the reason a failed deploy gives.
+    pub exec_error: Option<String>,
     /// Last `STATUS=`.
     pub status_text: Option<String>,
     /// Set once the worker is reaped.

@@ -569,6 +569,7 @@ impl Supervisor {
             ready_at: None,
             deadline: self.cfg.ready_timeout.map(|t| now + t),
             extended: false,
+            exec_error: None,
             status_text: None,
             exit: None,
             leaving: false,
@@ -991,12 +992,13 @@ impl Supervisor {
                 } else {
                     format!(" {what}")
                 };
-                warn!(
-                    "{} unable to {}{what}: {}",
-                    g.tag(),
+                let why = format!(
+                    "unable to {}{what}: {}",
                     stage.doing(),
                     crate::error::os_message(&e)
                 );
+                warn!("{} {why}", g.tag());
+                g.exec_error = Some(why);
             }
         }
         g.exec_report = None;
@@ -1018,7 +1020,10 @@ impl Supervisor {
         let (state, tag, leaving) = (g.state, g.tag(), g.leaving);
         match state {
             State::Starting => {
-                let reason = format!("exited with {exit} before READY=1");
+                let reason = match self.gen_mut(n).and_then(|g| g.exec_error.take()) {
+                    Some(why) => format!("{why} (exited with {exit})"),
+                    None => format!("exited with {exit} before READY=1"),
+                };
                 self.fail_deploy(n, reason, exit, now);
             }
             // Leaving on its own (STOPPING=1) with its replacement under
