@@ -71,7 +71,8 @@ pub const DEPLOY_HELP: &str = "\
 Usage: containerflip deploy [--control PATH] [--timeout DUR] [-- COMMAND [ARG...]]
 
 Start a new generation (with COMMAND if given, else the current command),
-print its progress and exit 0 once it serves, 1 if it failed closed.
+print its progress and exit 0 once it serves, 1 if it failed closed,
+3 if no supervisor answers.
 
 Options:
       --control PATH   control socket [default: see containerflip(1)]
@@ -83,6 +84,8 @@ pub const ROLLBACK_HELP: &str = "\
 Usage: containerflip rollback [--control PATH]
 
 Deploy the command that was current before the last command change.
+Exit 0 once it serves, 1 if it failed or there is none, 3 if no
+supervisor answers.
 
 Options:
       --control PATH   control socket [default: see containerflip(1)]
@@ -97,14 +100,16 @@ Show listeners, generations, counters and the last failure.
 Options:
       --control PATH   control socket [default: see containerflip(1)]
       --json           print one JSON object
-      --check          print one line; exit 0 if a ready generation serves, else 1
+      --check          print one line; exit 0 if a ready generation serves,
+                       else 1 (3 if no supervisor answers)
   -h, --help           print this help
 ";
 
 pub const STOP_HELP: &str = "\
 Usage: containerflip stop [--control PATH]
 
-Stop the supervisor gracefully and wait until it has exited.
+Stop the supervisor gracefully, wait until it has exited and print its
+exit status. Exit 0 once it is gone, 3 if no supervisor answers.
 
 Options:
       --control PATH   control socket [default: see containerflip(1)]

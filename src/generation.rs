@@ -149,6 +149,16 @@ impl Generation {
         }
     }
 
+    /// The stop signal to the group, then SIGCONT, as systemd does: a
+    /// worker stopped by a forwarded TTIN/TTOU (or a debugger) would
+    /// otherwise hear nothing until its SIGKILL.
+    pub fn ask_to_stop(&mut self, sig: i32) {
+        self.signal_group(sig);
+        if sig != libc::SIGKILL && self.exec_report.is_none() {
+            self.signal_group(libc::SIGCONT);
+        }
+    }
+
     /// Signal the worker process only (forwarded signals).
     pub fn signal_worker(&self, sig: i32) {
         if self.exit.is_none() {

@@ -673,7 +673,7 @@ impl Supervisor {
         let Some(g) = self.gen_mut(n) else { return };
         g.state = State::Draining;
         g.deadline = Some(now + drain);
-        g.signal_group(sig);
+        g.ask_to_stop(sig);
         info!(
             "{} draining ({}, deadline {})",
             g.tag(),
@@ -696,7 +696,7 @@ impl Supervisor {
             warn!("{} deploy failed: {reason}", g.tag());
             g.state = State::Failed;
             if g.running() {
-                g.signal_group(sig);
+                g.ask_to_stop(sig);
                 g.deadline = Some(now + FAILED_GRACE);
             } else {
                 g.deadline = None;
@@ -1069,7 +1069,7 @@ impl Supervisor {
                 signals::name(sig),
                 format_duration(grace)
             );
-            g.signal_group(sig);
+            g.ask_to_stop(sig);
             g.deadline = Some(now + grace);
             // What is left drains: a stop or a deploy that follows does
             // not signal it again or move its deadline.
@@ -1269,7 +1269,7 @@ impl Supervisor {
         for g in &mut self.gens {
             if matches!(g.state, State::Starting | State::Ready) && (g.running() || g.group_alive())
             {
-                g.signal_group(sig);
+                g.ask_to_stop(sig);
                 g.state = State::Draining;
                 g.deadline = Some(now + drain);
                 info!(

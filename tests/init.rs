@@ -905,6 +905,34 @@ fn usr1_and_usr2_reach_the_active_worker_not_a_draining_one() {
     assert!(sup.wait_exit().success());
 }
 
+/// A forwarded SIGTTIN stops a worker that leaves it at its default (as
+/// the example worker does). The stop signal is followed by SIGCONT, as
+/// systemd does, so the stopped worker still drains and exits 0 at the
+/// next deploy instead of waiting out a 10-minute deadline.
+#[test]
+fn a_stopped_worker_still_drains_when_retired() {
+    let dir = TempDir::new("forward-ttin");
+    let control = control_path(&dir);
+    let sup = Supervisor::start(
+        &dir,
+        &run_args(&control, &["--drain-timeout", "10m"]),
+        &[("RUNTIME_DIRECTORY", dir.str())],
+    );
+    let w1 = sup.wait_ready(1);
+    sup.signal(libc::SIGTTIN);
+    wait_until("gen 1 to be stopped by SIGTTIN", || {
+        status_line(w1, "State").is_some_and(|s| s.starts_with('T'))
+    });
+    sup.signal(libc::SIGHUP);
+    sup.wait_ready(2);
+    sup.wait_gen(1, "exited with status 0");
+    assert_eq!(sup.count("killed at drain deadline"), 0);
+    assert_eq!(
+        events(&sup.records, w1).last().map(String::as_str),
+        Some("exit 0")
+    );
+}
+
 /// During a deploy, a forwarded signal goes to the active generation, not
 /// to the one still starting (the newest one).
 #[test]
