@@ -15,9 +15,17 @@ use crate::control;
 /// Exit code when no supervisor answers.
 pub const NO_SUPERVISOR: i32 = 3;
 
+/// How long a supervisor may take to say anything at all.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
 enum Outcome {
     Ok(String),
     Failed(String),
+    /// Closed on before a single reply line: the supervisor was exiting
+    /// and had stopped accepting (the kernel reset what was still in its
+    /// backlog). No supervisor answered, exit 3, but for `stop` that is
+    /// what it asked for.
+    Gone(String),
 }
 
 pub fn deploy(
@@ -97,7 +105,7 @@ pub fn stop(control: Option<PathBuf>) -> i32 {
         // It closed without a word: it was already exiting (another stop,
         // a signal). What we asked for happens; its status is not ours to
         // hear. Bounded: a supervisor that lingers was not exiting.
-        Err((NO_SUPERVISOR, _))
+        Ok(Outcome::Gone(_))
             if supervisor
                 .as_ref()
                 .is_some_and(|p| wait_exit(p, Some(Duration::from_secs(30)))) =>
@@ -138,6 +146,10 @@ fn finish(r: Result<Outcome, (i32, String)>) -> i32 {
         Ok(Outcome::Failed(text)) => {
             crate::log::line(format_args!("{text}"));
             1
+        }
+        Ok(Outcome::Gone(text)) => {
+            crate::log::line(format_args!("{text}"));
+            NO_SUPERVISOR
         }
         Err((code, text)) => {
             crate::log::line(format_args!("{text}"));
@@ -210,38 +222,56 @@ fn exchange_with(
         )
     };
     connected(&stream);
+    // A live supervisor answers every request at once (a progress line or
+    // the result), so one that says nothing for ACK_TIMEOUT is stuck
+    // (stopped, frozen): that is no supervisor answering, exit 3.
+    let ack_by = Instant::now() + ACK_TIMEOUT;
+    let _ = stream.set_write_timeout(Some(ACK_TIMEOUT));
     // A refused peer gets one `error` line and a closed connection, maybe
     // before our request is written: on a write error, still read it.
     let write_error = (&stream).write_all(request).err();
     let give_up = timeout.map(|t| (Instant::now() + t, t));
     let mut reader = BufReader::new(&stream);
     let mut line = Vec::new();
-    // Closed before a single line: the supervisor was exiting and had
-    // stopped accepting (the kernel reset what was still in its backlog).
     let unanswered = || {
-        (
-            NO_SUPERVISOR,
-            format!("no supervisor answers at {shown}: it closed the connection without a reply"),
-        )
+        Outcome::Gone(format!(
+            "no supervisor answers at {shown}: it closed the connection without a reply"
+        ))
     };
     let mut replied = false;
     loop {
-        if let Some((at, t)) = give_up {
-            let left = at.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err((
-                    1,
-                    format!(
-                        "gave up waiting after {} (the supervisor carries on)",
-                        crate::cli::format_duration(t)
-                    ),
-                ));
-            }
-            stream.set_read_timeout(Some(left)).map_err(lost)?;
+        let now = Instant::now();
+        if !replied && now >= ack_by {
+            return Err((
+                NO_SUPERVISOR,
+                format!(
+                    "no supervisor answers at {shown}: no reply within {}",
+                    crate::cli::format_duration(ACK_TIMEOUT)
+                ),
+            ));
         }
+        if let Some((at, t)) = give_up
+            && now >= at
+        {
+            return Err((
+                1,
+                format!(
+                    "gave up waiting after {} (the supervisor carries on)",
+                    crate::cli::format_duration(t)
+                ),
+            ));
+        }
+        // Wait for the next line until the nearer deadline, or for ever.
+        let until = [(!replied).then_some(ack_by), give_up.map(|(at, _)| at)]
+            .into_iter()
+            .flatten()
+            .min();
+        stream
+            .set_read_timeout(until.map(|d| (d - now).max(Duration::from_millis(1))))
+            .map_err(lost)?;
         line.clear();
         match reader.read_until(b'\n', &mut line) {
-            Ok(0) if !replied => return Err(unanswered()),
+            Ok(0) if !replied => return Ok(unanswered()),
             Ok(0) if write_error.is_some() => {
                 return Err(lost(write_error.expect("checked")));
             }
@@ -261,7 +291,7 @@ fn exchange_with(
                 continue;
             }
             Err(e) if !replied && e.kind() == std::io::ErrorKind::ConnectionReset => {
-                return Err(unanswered());
+                return Ok(unanswered());
             }
             Err(e) => return Err(lost(write_error.unwrap_or(e))),
         }
