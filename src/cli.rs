@@ -93,7 +93,7 @@ Options:
 ";
 
 pub const STATUS_HELP: &str = "\
-Usage: containerflip status [--control PATH] [--json] [--check]
+Usage: containerflip status [--control PATH] [--json | --check]
 
 Show listeners, generations, counters and the last failure.
 
@@ -381,6 +381,11 @@ fn parse_status(mut p: lexopt::Parser) -> Result<Command> {
             Short('h') | Long("help") => return Ok(Command::Help(STATUS_HELP)),
             _ => return Err(arg.unexpected().into()),
         }
+    }
+    if json && check {
+        return Err(Usage(
+            "status: --json and --check do not go together (--check prints one line)".into(),
+        ));
     }
     Ok(Command::Status {
         control,

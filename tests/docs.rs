@@ -666,6 +666,7 @@ fn usage_errors_are_one_line_and_exit_2() {
         ),
         (&["run", "--listen", "127.0.0.1:0"], "command"),
         (&["status", "--jsn"], "--jsn"),
+        (&["status", "--json", "--check"], "--json and --check"),
         (&["frobnicate"], "frobnicate"),
         (&["deploy", "--timeout"], "--timeout"),
         (
