@@ -79,18 +79,37 @@ impl Spec {
                 _ => return Err("fd: needs a descriptor number of 3 or more".into()),
             }
         } else if let Some(port) = addr.strip_prefix(':') {
+            if port.contains(':') {
+                return Err(IPV6_BRACKETS.into());
+            }
             Addr::Any(parse_port(port)?)
         } else if addr.bytes().all(|b| b.is_ascii_digit()) {
             Addr::Any(parse_port(addr)?)
         } else {
             match addr.parse::<SocketAddr>() {
                 Ok(a) => Addr::Tcp(a),
-                Err(_) => {
-                    return Err(
-                        "expected PORT, :PORT, IPV4:PORT, [IPV6]:PORT, unix:PATH or fd:N (host names are not resolved)"
-                            .into(),
-                    );
+                // Say which part is wrong where it is clear.
+                Err(_) if addr.contains('=') => {
+                    return Err("bad name before '=': it may not contain ':', '/' or '['".into());
                 }
+                Err(_) if !addr.starts_with('[') && addr.matches(':').count() > 1 => {
+                    return Err(IPV6_BRACKETS.into());
+                }
+                Err(_) => match addr.rsplit_once(':') {
+                    Some((_, port))
+                        if !port.is_empty()
+                            && port.bytes().all(|b| b.is_ascii_digit())
+                            && port.parse::<u16>().is_err() =>
+                    {
+                        return Err(parse_port(port).unwrap_err());
+                    }
+                    _ => {
+                        return Err(
+                            "expected PORT, :PORT, IPV4:PORT, [IPV6]:PORT, unix:PATH or fd:N (host names are not resolved)"
+                                .into(),
+                        );
+                    }
+                },
             }
         };
         Ok(Spec {
@@ -99,6 +118,8 @@ impl Spec {
         })
     }
 }
+
+const IPV6_BRACKETS: &str = "an IPv6 address goes in brackets: [::1]:8080";
 
 fn parse_port(s: &str) -> std::result::Result<u16, String> {
     s.parse::<u16>()
@@ -420,6 +441,21 @@ fn park(listeners: Vec<Listener>) -> Result<Vec<Listener>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_the_wrong_part() {
+        let e = |s: &str| Spec::parse(s).unwrap_err();
+        assert_eq!(e("70000"), "bad port '70000': expected 0 to 65535");
+        assert_eq!(e("[::1]:99999"), "bad port '99999': expected 0 to 65535");
+        assert_eq!(
+            e("127.0.0.1:99999"),
+            "bad port '99999': expected 0 to 65535"
+        );
+        assert_eq!(e("::1:8080"), IPV6_BRACKETS);
+        assert_eq!(e("fe80::1:8080"), IPV6_BRACKETS);
+        assert!(e("a:b=9001").starts_with("bad name before '='"));
+        assert!(e("localhost:80").starts_with("expected PORT"));
+    }
 
     #[test]
     fn clashes() {
