@@ -1346,22 +1346,16 @@ fn a_client_refuses_a_control_socket_owned_by_another_uid() {
     );
 }
 
-/// Clients waiting on deploys cannot take every control slot: past 64
-/// waiting, a deploy request gets one error line, `status` still
-/// answers, and the 64 that wait all get their result.
-#[test]
-fn waiting_clients_are_capped_and_status_still_answers() {
+/// SPEC §6 bound: deploy/rollback callers waiting at once.
+const MAX_WAITING: usize = 64;
+
+/// Connect MAX_WAITING deploy callers (each has its first progress line,
+/// so it is waiting), then check that one more is turned away.
+fn fill_waiting(ctl: &Path, waiting: &mut Vec<std::io::BufReader<UnixStream>>) {
     use std::io::BufRead;
-    const MAX_WAITING: usize = 64;
-    let dir = TempDir::new("ctl-waitcap");
-    let (mut sup, env_file, fifo) = crate::common::start_held(&dir, &[], &[]);
-    sup.wait_ready(1);
-    write_file(&env_file, &format!("HOLD={}\n", fifo.display()));
-    let ctl = control(&dir);
     let req = b"containerflip/1 deploy\n\n";
-    let mut waiting = Vec::new();
     for _ in 0..MAX_WAITING {
-        let s = UnixStream::connect(&ctl).unwrap();
+        let s = UnixStream::connect(ctl).unwrap();
         s.set_read_timeout(Some(DEADLINE)).unwrap();
         (&s).write_all(req).unwrap();
         let mut r = std::io::BufReader::new(s);
@@ -1371,9 +1365,24 @@ fn waiting_clients_are_capped_and_status_still_answers() {
         waiting.push(r);
     }
     assert_eq!(
-        raw_exchange(&ctl, req.to_vec()),
+        raw_exchange(ctl, req.to_vec()),
         format!("error too many clients waiting ({MAX_WAITING}); try again later\n")
     );
+}
+
+/// Clients waiting on deploys cannot take every control slot: past 64
+/// waiting, a deploy request gets one error line, `status` still
+/// answers, and the 64 that wait all get their result.
+#[test]
+fn waiting_clients_are_capped_and_status_still_answers() {
+    use std::io::BufRead;
+    let dir = TempDir::new("ctl-waitcap");
+    let (mut sup, env_file, fifo) = crate::common::start_held(&dir, &[], &[]);
+    sup.wait_ready(1);
+    write_file(&env_file, &format!("HOLD={}\n", fifo.display()));
+    let ctl = control(&dir);
+    let mut waiting = Vec::new();
+    fill_waiting(&ctl, &mut waiting);
     assert_eq!(
         run_client(client_cmd(&dir, "status", &["--check"])).code(),
         0
@@ -1398,20 +1407,7 @@ fn waiting_clients_are_capped_and_status_still_answers() {
     // Full again, on a held deploy: `stop` is never turned away, and ends
     // what they wait for.
     write_file(&env_file, &format!("HOLD={}\n", fifo.display()));
-    for _ in 0..MAX_WAITING {
-        let s = UnixStream::connect(&ctl).unwrap();
-        s.set_read_timeout(Some(DEADLINE)).unwrap();
-        (&s).write_all(req).unwrap();
-        let mut r = std::io::BufReader::new(s);
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        assert!(line.starts_with("progress "), "{line:?}");
-        waiting.push(r);
-    }
-    assert_eq!(
-        raw_exchange(&ctl, req.to_vec()),
-        format!("error too many clients waiting ({MAX_WAITING}); try again later\n")
-    );
+    fill_waiting(&ctl, &mut waiting);
     let out = cf(&dir, "stop", &[]);
     assert_eq!(out.code(), 0, "{out:?}");
     // The held generation dies of the stop signal: that is the status.
