@@ -12,6 +12,17 @@ import path from 'node:path';
 
 import { spawnWorker, request, withDeadline, withFreePort, FIXTURES, EXAMPLES } from './helpers.mjs';
 
+// Let the fixture's held response go (SIGUSR2): it completes, marked
+// `Connection: close` by the drain, and the worker then exits 0.
+async function releaseHeldThenExit(w, held) {
+  w.child.kill('SIGUSR2');
+  const r = await held;
+  assert.equal(r.status, 200);
+  assert.equal(r.headers.connection, 'close');
+  assert.match(r.body, /held response/);
+  assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
+}
+
 const WORKER = path.join(FIXTURES, 'worker.mjs');
 const CLUSTER_HELD = path.join(FIXTURES, 'cluster-held.mjs');
 
@@ -146,12 +157,7 @@ describe('drain on SIGTERM', () => {
     await w.stderr.waitFor(/draining: no longer accepting/);
     w.child.kill('SIGTERM');
     await w.stderr.waitFor(/SIGTERM received again: already draining/);
-    w.child.kill('SIGUSR2');
-    const r = await held;
-    assert.equal(r.status, 200);
-    assert.equal(r.headers.connection, 'close');
-    assert.match(r.body, /held response/);
-    assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
+    await releaseHeldThenExit(w, held);
     assert.equal(w.stderr.lines.filter((l) => /draining: no longer accepting/.test(l)).length, 1, 'one drain, not two');
   });
 
@@ -175,12 +181,7 @@ describe('drain on SIGTERM', () => {
       w.child.kill('SIGTERM');
       // The other server has nothing in flight, so its drain ends first.
       await w.stderr.waitFor(/drained in \d+ms \(idle\)/);
-      w.child.kill('SIGUSR2');
-      const r = await held;
-      assert.equal(r.status, 200);
-      assert.equal(r.headers.connection, 'close');
-      assert.match(r.body, /held response/);
-      assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
+      await releaseHeldThenExit(w, held);
       assert.equal(w.stderr.lines.filter((l) => /drained in \d+ms \(idle\)/.test(l)).length, 2, w.stderr.text());
       assert.equal(w.stderr.lines.filter((l) => /exiting with status 0/.test(l)).length, 1, w.stderr.text());
     });
