@@ -20,6 +20,9 @@
 //!
 //! Past start-up nothing here is fatal: a misbehaving worker or client
 //! is logged and its generation or connection changes state.
+//!
+//! The stop (`stop`) and control requests (`requests`) are `Supervisor`
+//! methods in child modules of their own.
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, RawFd};
@@ -30,7 +33,7 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::io::Errno;
 
 use crate::cli::{OnCrash, RunConfig, format_duration};
-use crate::control::{self, ClientId, Control, Request};
+use crate::control::{self, ClientId, Control};
 use crate::generation::{Exit, Generation, State};
 use crate::listen::Listener;
 use crate::notify::{self, Event, Message, NotifySocket};
@@ -40,6 +43,11 @@ use crate::signals::{self, Signals};
 use crate::spawn;
 use crate::upstream::Upstream;
 use crate::{debug, info, warn};
+
+mod requests;
+mod stop;
+
+use stop::Stopping;
 
 /// First crash-restart delay; doubles up to `BACKOFF_MAX`.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -111,35 +119,6 @@ enum Target {
 struct Queued {
     target: Target,
     origin: Origin,
-    waiters: Vec<ClientId>,
-}
-
-struct Stopping {
-    /// The active generation when the stop began, and how it ended.
-    active: Option<u64>,
-    active_exit: Option<Exit>,
-    /// Every generation exited 0 before its deadline.
-    clean: bool,
-    /// A TERM/INT arrived: the stop may have begun otherwise (`stop`,
-    /// `--on-crash exit`), and only a second signal forces it.
-    signalled_once: bool,
-    /// A second TERM/INT: everything got SIGKILL.
-    forced: bool,
-    /// Non-generation children (setsid daemons) are still alive; the
-    /// exit waits for them.
-    strays: bool,
-    /// Strays left at this time get SIGKILL.
-    orphan_deadline: Option<Instant>,
-    /// Strays that already got the stop signal.
-    signalled: Vec<i32>,
-    /// Strays that already got SIGKILL (not sent, nor logged, twice).
-    killed: Vec<i32>,
-    /// Process groups that got SIGKILL: what is left in them is dying,
-    /// not a stray.
-    killed_groups: Vec<i32>,
-    /// The stop's drain deadline: what is left after it gets SIGKILL.
-    deadline: Instant,
-    /// `stop` clients to tell the exit status.
     waiters: Vec<ClientId>,
 }
 
@@ -385,18 +364,6 @@ impl Supervisor {
             .chain(orphans)
             .chain(control)
             .min()
-    }
-
-    fn finished(&self) -> Option<i32> {
-        let stop = self.stop.as_ref()?;
-        if !self.gens.is_empty() || stop.strays {
-            return None;
-        }
-        Some(self.exit_code.unwrap_or(match stop.active_exit {
-            Some(e) if e != Exit::Code(0) => e.code(),
-            _ if !stop.clean => 1,
-            _ => 0,
-        }))
     }
 
     fn gen_mut(&mut self, n: u64) -> Option<&mut Generation> {
@@ -926,41 +893,6 @@ impl Supervisor {
         self.check_strays(now);
     }
 
-    /// While stopping: find our children that belong to no generation
-    /// (daemons that left their group, reparented to us as subreaper or
-    /// PID 1), give new ones the stop signal and the drain deadline, and
-    /// note when none is left. Run at the stop and after every reap, since
-    /// a daemon becomes our child only when its parent dies.
-    fn check_strays(&mut self, now: Instant) {
-        let sig = self.cfg.stop_signal;
-        let Some(stop) = self.stop.as_mut() else {
-            return;
-        };
-        // One deadline for the whole stop: a stray found late (reparented
-        // when its parent died at the deadline) gets SIGKILL at once.
-        let kill_now = stop.forced || now >= stop.deadline;
-        let strays = reap::orphans(&self.gens, &stop.killed_groups);
-        // A reaped pid may come back as another process: forget it.
-        stop.killed.retain(|p| strays.contains(p));
-        for &pid in &strays {
-            if stop.killed.contains(&pid) || (stop.signalled.contains(&pid) && !kill_now) {
-                continue;
-            }
-            let sent = if kill_now { libc::SIGKILL } else { sig };
-            info!(
-                "pid {pid} (left behind by a worker) gets {}",
-                signals::name(sent)
-            );
-            let _ = crate::sys::kill(pid, sent);
-            stop.signalled.push(pid);
-            if sent == libc::SIGKILL {
-                stop.killed.push(pid);
-            }
-        }
-        stop.strays = !strays.is_empty();
-        stop.orphan_deadline = (stop.strays && !kill_now).then_some(stop.deadline);
-    }
-
     /// Generation `n`'s child exec'd, or said why it could not: one line
     /// naming what failed, before the exit status that follows.
     fn on_exec_report(&mut self, n: u64) {
@@ -1227,128 +1159,6 @@ impl Supervisor {
         }
     }
 
-    // ---- stop ----------------------------------------------------------
-
-    /// TERM/INT or `stop`: stop signal to everything, SIGKILL at the
-    /// deadline, exit when nothing is left. The second TERM/INT kills now,
-    /// whatever began the stop; other repeated requests change nothing.
-    fn begin_stop(&mut self, why: &str, now: Instant) {
-        let by_signal = why.starts_with("SIG");
-        if let Some(stop) = self.stop.as_mut() {
-            if by_signal && !stop.signalled_once {
-                stop.signalled_once = true;
-                info!("{why} while stopping: still draining (a second {why} kills everything)");
-            } else if by_signal && !stop.forced {
-                stop.forced = true;
-                warn!("second {why}: killing everything now");
-                for g in &mut self.gens {
-                    g.signal_group(libc::SIGKILL);
-                    g.deadline = None;
-                    g.killed = true;
-                    stop.killed_groups.push(g.pid);
-                }
-                self.gens.retain(|g| g.running());
-                for pid in reap::orphans(&self.gens, &stop.killed_groups) {
-                    let _ = crate::sys::kill(pid, libc::SIGKILL);
-                }
-                stop.orphan_deadline = None;
-                stop.clean = false;
-            }
-            return;
-        }
-        info!("stopping ({why})");
-        if let Some(u) = &self.upstream {
-            u.send("STOPPING=1\nSTATUS=stopping");
-        }
-        self.restart_at = None;
-        self.replace_at = None;
-        let mut waiters = self.deploy.take().map(|d| d.waiters).unwrap_or_default();
-        waiters.extend(self.queued.take().map(|q| q.waiters).unwrap_or_default());
-        self.conclude(waiters, false, "the supervisor is stopping");
-        let (sig, drain) = (self.cfg.stop_signal, self.cfg.drain_timeout);
-        for g in &mut self.gens {
-            if matches!(g.state, State::Starting | State::Ready) && (g.running() || g.group_alive())
-            {
-                g.ask_to_stop(sig);
-                g.state = State::Draining;
-                g.deadline = Some(now + drain);
-                info!(
-                    "{} draining ({}, deadline {})",
-                    g.tag(),
-                    signals::name(sig),
-                    format_duration(drain)
-                );
-            }
-        }
-        // Daemons that left their generation's group (setsid) are still our
-        // children as subreaper or PID 1: they are stopped too.
-        self.stop = Some(Stopping {
-            active: self.active,
-            // Nothing serves after a crash: the crashed one's status.
-            active_exit: self.active.is_none().then_some(self.crashed).flatten(),
-            clean: true,
-            signalled_once: by_signal,
-            forced: false,
-            strays: false,
-            signalled: Vec::new(),
-            killed: Vec::new(),
-            killed_groups: Vec::new(),
-            deadline: now + drain,
-            orphan_deadline: None,
-            waiters: Vec::new(),
-        });
-        self.sweep();
-        self.check_strays(now);
-    }
-
-    // ---- control -------------------------------------------------------
-
-    fn on_control(&mut self, fd: RawFd, flags: PollFlags, now: Instant) {
-        let Some(c) = self.control.as_mut() else {
-            return;
-        };
-        let requests = c.on_ready(fd, flags, now);
-        for (id, req) in requests {
-            self.on_request(id, req, now);
-        }
-    }
-
-    fn on_request(&mut self, id: ClientId, req: Request, now: Instant) {
-        match req {
-            Request::Deploy(command) => {
-                let target = command.map_or(Target::Current, |c| Target::Command(Rc::from(c)));
-                self.request_deploy(target, Origin::Control, Some(id), now);
-            }
-            Request::Rollback => {
-                self.request_deploy(Target::Rollback, Origin::Control, Some(id), now)
-            }
-            Request::Status(format) => {
-                let body = crate::status::render(self, format, now);
-                let serving = self.serving();
-                if let Some(c) = self.control.as_mut() {
-                    match format {
-                        control::StatusFormat::Check => c.finish(id, serving, &body),
-                        _ => {
-                            c.data(id, &body);
-                            c.finish(id, true, "");
-                        }
-                    }
-                }
-            }
-            Request::Stop => {
-                if let Some(c) = self.control.as_mut() {
-                    c.progress(id, "stopping");
-                }
-                self.begin_stop("stop requested over the control socket", now);
-                if let Some(s) = self.stop.as_mut() {
-                    let control = self.control.as_ref();
-                    s.waiters.retain(|&w| control.is_some_and(|c| c.waiting(w)));
-                    s.waiters.push(id);
-                }
-            }
-        }
-    }
-
     /// A ready generation serves (not leaving on its own).
     pub fn serving(&self) -> bool {
         self.active
@@ -1358,20 +1168,6 @@ impl Supervisor {
 
     pub fn deploying(&self) -> Option<u64> {
         self.deploy.as_ref().map(|d| d.n)
-    }
-
-    fn tell(&mut self, id: ClientId, line: &str) {
-        if let Some(c) = self.control.as_mut() {
-            c.progress(id, line);
-        }
-    }
-
-    fn conclude(&mut self, waiters: Vec<ClientId>, ok: bool, line: &str) {
-        if let Some(c) = self.control.as_mut() {
-            for id in waiters {
-                c.finish(id, ok, line);
-            }
-        }
     }
 }
 

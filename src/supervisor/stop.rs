@@ -1,0 +1,162 @@
+//! The stop of SPEC §7, as `Supervisor` methods: TERM/INT or `stop`
+//! drains every generation and the daemons that left them, SIGKILLs what
+//! is left at the deadline (at once on a second TERM/INT), and says when
+//! the supervisor may exit and with which status.
+
+use std::time::Instant;
+
+use super::Supervisor;
+use crate::cli::format_duration;
+use crate::control::ClientId;
+use crate::generation::{Exit, State};
+use crate::{info, reap, signals, warn};
+
+pub(super) struct Stopping {
+    /// The active generation when the stop began, and how it ended.
+    pub(super) active: Option<u64>,
+    pub(super) active_exit: Option<Exit>,
+    /// Every generation exited 0 before its deadline.
+    pub(super) clean: bool,
+    /// A TERM/INT arrived: the stop may have begun otherwise (`stop`,
+    /// `--on-crash exit`), and only a second signal forces it.
+    pub(super) signalled_once: bool,
+    /// A second TERM/INT: everything got SIGKILL.
+    pub(super) forced: bool,
+    /// Non-generation children (setsid daemons) are still alive; the
+    /// exit waits for them.
+    pub(super) strays: bool,
+    /// Strays left at this time get SIGKILL.
+    pub(super) orphan_deadline: Option<Instant>,
+    /// Strays that already got the stop signal.
+    pub(super) signalled: Vec<i32>,
+    /// Strays that already got SIGKILL (not sent, nor logged, twice).
+    pub(super) killed: Vec<i32>,
+    /// Process groups that got SIGKILL: what is left in them is dying,
+    /// not a stray.
+    pub(super) killed_groups: Vec<i32>,
+    /// The stop's drain deadline: what is left after it gets SIGKILL.
+    pub(super) deadline: Instant,
+    /// `stop` clients to tell the exit status.
+    pub(super) waiters: Vec<ClientId>,
+}
+
+impl Supervisor {
+    pub(super) fn finished(&self) -> Option<i32> {
+        let stop = self.stop.as_ref()?;
+        if !self.gens.is_empty() || stop.strays {
+            return None;
+        }
+        Some(self.exit_code.unwrap_or(match stop.active_exit {
+            Some(e) if e != Exit::Code(0) => e.code(),
+            _ if !stop.clean => 1,
+            _ => 0,
+        }))
+    }
+
+    /// TERM/INT or `stop`: stop signal to everything, SIGKILL at the
+    /// deadline, exit when nothing is left. The second TERM/INT kills now,
+    /// whatever began the stop; other repeated requests change nothing.
+    pub(super) fn begin_stop(&mut self, why: &str, now: Instant) {
+        let by_signal = why.starts_with("SIG");
+        if let Some(stop) = self.stop.as_mut() {
+            if by_signal && !stop.signalled_once {
+                stop.signalled_once = true;
+                info!("{why} while stopping: still draining (a second {why} kills everything)");
+            } else if by_signal && !stop.forced {
+                stop.forced = true;
+                warn!("second {why}: killing everything now");
+                for g in &mut self.gens {
+                    g.signal_group(libc::SIGKILL);
+                    g.deadline = None;
+                    g.killed = true;
+                    stop.killed_groups.push(g.pid);
+                }
+                self.gens.retain(|g| g.running());
+                for pid in reap::orphans(&self.gens, &stop.killed_groups) {
+                    let _ = crate::sys::kill(pid, libc::SIGKILL);
+                }
+                stop.orphan_deadline = None;
+                stop.clean = false;
+            }
+            return;
+        }
+        info!("stopping ({why})");
+        if let Some(u) = &self.upstream {
+            u.send("STOPPING=1\nSTATUS=stopping");
+        }
+        self.restart_at = None;
+        self.replace_at = None;
+        let mut waiters = self.deploy.take().map(|d| d.waiters).unwrap_or_default();
+        waiters.extend(self.queued.take().map(|q| q.waiters).unwrap_or_default());
+        self.conclude(waiters, false, "the supervisor is stopping");
+        let (sig, drain) = (self.cfg.stop_signal, self.cfg.drain_timeout);
+        for g in &mut self.gens {
+            if matches!(g.state, State::Starting | State::Ready) && (g.running() || g.group_alive())
+            {
+                g.ask_to_stop(sig);
+                g.state = State::Draining;
+                g.deadline = Some(now + drain);
+                info!(
+                    "{} draining ({}, deadline {})",
+                    g.tag(),
+                    signals::name(sig),
+                    format_duration(drain)
+                );
+            }
+        }
+        // Daemons that left their generation's group (setsid) are still our
+        // children as subreaper or PID 1: they are stopped too.
+        self.stop = Some(Stopping {
+            active: self.active,
+            // Nothing serves after a crash: the crashed one's status.
+            active_exit: self.active.is_none().then_some(self.crashed).flatten(),
+            clean: true,
+            signalled_once: by_signal,
+            forced: false,
+            strays: false,
+            signalled: Vec::new(),
+            killed: Vec::new(),
+            killed_groups: Vec::new(),
+            deadline: now + drain,
+            orphan_deadline: None,
+            waiters: Vec::new(),
+        });
+        self.sweep();
+        self.check_strays(now);
+    }
+
+    /// While stopping: find our children that belong to no generation
+    /// (daemons that left their group, reparented to us as subreaper or
+    /// PID 1), give new ones the stop signal and the drain deadline, and
+    /// note when none is left. Run at the stop and after every reap, since
+    /// a daemon becomes our child only when its parent dies.
+    pub(super) fn check_strays(&mut self, now: Instant) {
+        let sig = self.cfg.stop_signal;
+        let Some(stop) = self.stop.as_mut() else {
+            return;
+        };
+        // One deadline for the whole stop: a stray found late (reparented
+        // when its parent died at the deadline) gets SIGKILL at once.
+        let kill_now = stop.forced || now >= stop.deadline;
+        let strays = reap::orphans(&self.gens, &stop.killed_groups);
+        // A reaped pid may come back as another process: forget it.
+        stop.killed.retain(|p| strays.contains(p));
+        for &pid in &strays {
+            if stop.killed.contains(&pid) || (stop.signalled.contains(&pid) && !kill_now) {
+                continue;
+            }
+            let sent = if kill_now { libc::SIGKILL } else { sig };
+            info!(
+                "pid {pid} (left behind by a worker) gets {}",
+                signals::name(sent)
+            );
+            let _ = crate::sys::kill(pid, sent);
+            stop.signalled.push(pid);
+            if sent == libc::SIGKILL {
+                stop.killed.push(pid);
+            }
+        }
+        stop.strays = !strays.is_empty();
+        stop.orphan_deadline = (stop.strays && !kill_now).then_some(stop.deadline);
+    }
+}
