@@ -36,16 +36,44 @@ pub enum Addr {
     Fd(RawFd),
 }
 
+/// One address family of a TCP address: not bound, all its addresses
+/// (`Some(None)`), or one.
+type Family = Option<Option<IpAddr>>;
+
 impl Addr {
     /// Whether binding both would collide with ourselves: the same address
     /// twice, or a port on all addresses and on one of them. Port 0 (the
     /// kernel picks) never collides.
     pub fn clashes(&self, other: &Addr) -> bool {
-        match (self, other) {
-            (Addr::Any(0), _) | (_, Addr::Any(0)) => false,
-            (Addr::Tcp(a), _) | (_, Addr::Tcp(a)) if a.port() == 0 => false,
-            (Addr::Any(p), Addr::Tcp(a)) | (Addr::Tcp(a), Addr::Any(p)) => a.port() == *p,
-            (a, b) => a == b,
+        match (self.tcp(), other.tcp()) {
+            (Some((p, v4, v6)), Some((q, w4, w6))) => {
+                // Per family: both bind it, and one of them on all its
+                // addresses, or both on the same one.
+                let overlap = |a: Family, b: Family| match (a, b) {
+                    (Some(None), Some(_)) | (Some(_), Some(None)) => true,
+                    (Some(Some(x)), Some(Some(y))) => x == y,
+                    _ => false,
+                };
+                p != 0 && p == q && (overlap(v4, w4) || overlap(v6, w6))
+            }
+            (None, None) => self == other,
+            _ => false,
+        }
+    }
+
+    /// A TCP address as (port, IPv4 part, IPv6 part): per family, `None`
+    /// when not bound, `Some(None)` for all its addresses, else the one.
+    /// `PORT` and `[::]:PORT` are dual-stack (IPV6_V6ONLY cleared).
+    fn tcp(&self) -> Option<(u16, Family, Family)> {
+        match self {
+            Addr::Any(p) => Some((*p, Some(None), Some(None))),
+            Addr::Tcp(a) if a.ip().is_unspecified() && a.is_ipv6() => {
+                Some((a.port(), Some(None), Some(None)))
+            }
+            Addr::Tcp(a) if a.ip().is_unspecified() => Some((a.port(), Some(None), None)),
+            Addr::Tcp(a) if a.is_ipv4() => Some((a.port(), Some(Some(a.ip())), None)),
+            Addr::Tcp(a) => Some((a.port(), None, Some(Some(a.ip())))),
+            _ => None,
         }
     }
 }
@@ -469,6 +497,12 @@ mod tests {
         assert!(!a("127.0.0.1:9001").clashes(&a("127.0.0.2:9001")));
         assert!(!a("9001").clashes(&a("9002")));
         assert!(!a("0").clashes(&a("127.0.0.1:0")));
+        assert!(a("0.0.0.0:9001").clashes(&a("127.0.0.1:9001")));
+        assert!(a("[::]:9001").clashes(&a("127.0.0.1:9001")));
+        assert!(a("[::]:9001").clashes(&a("[::1]:9001")));
+        assert!(a("0.0.0.0:9001").clashes(&a("9001")));
+        assert!(!a("0.0.0.0:9001").clashes(&a("[::1]:9001")));
+        assert!(!a("127.0.0.1:9001").clashes(&a("[::1]:9001")));
     }
 
     #[test]
