@@ -7,7 +7,9 @@
 //! in ours, in order, and goes out when the event loop sees it writable:
 //! nothing is dropped for a busy systemd (a lost READY=1 would get the
 //! service killed at its start timeout) and the loop never blocks on it.
-//! A message the socket refuses outright is a warning, never fatal.
+//! A message the socket refuses outright is a warning, never fatal; a
+//! receiver that went away and came back at the same address (or was not
+//! there yet at start) is connected to again at the next message.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -23,6 +25,7 @@ const MAX_PENDING: usize = 64;
 
 pub struct Upstream {
     fd: std::os::fd::OwnedFd,
+    addr: SocketAddrUnix,
     pending: RefCell<VecDeque<Vec<u8>>>,
 }
 
@@ -45,28 +48,40 @@ impl Upstream {
             None,
         )
         .ok()?;
+        // Not there yet is no reason to give up: each send that finds the
+        // socket unconnected connects again (see `send_one`).
         if let Err(e) = net::connect(&fd, &addr) {
             crate::warn!(
-                "unable to reach our own NOTIFY_SOCKET {}: {e}; not notifying it",
+                "unable to reach our own NOTIFY_SOCKET {}: {e}",
                 path.to_string_lossy()
             );
-            return None;
         }
         Some(Upstream {
             fd,
+            addr,
             pending: RefCell::new(VecDeque::new()),
         })
     }
 
-    /// Send `msg`, or queue it behind those still waiting for room.
+    /// Send `msg`, or queue it behind those still waiting for room. A full
+    /// queue makes room by dropping its oldest message that only says
+    /// STATUS= (a newer one follows); READY, RELOADING and STOPPING are
+    /// dropped only when nothing else can go, with a warning.
     pub fn send(&self, msg: &str) {
         let mut pending = self.pending.borrow_mut();
         if pending.len() >= MAX_PENDING {
-            crate::debug!(
-                "sd_notify queue full; dropped: {}",
-                first_line(msg.as_bytes())
-            );
-            return;
+            match pending.iter().position(|m| m.starts_with(b"STATUS=")) {
+                Some(i) => {
+                    pending.remove(i);
+                }
+                None => {
+                    crate::warn!(
+                        "our own NOTIFY_SOCKET reads nothing ({MAX_PENDING} messages waiting); dropped {}",
+                        first_line(msg.as_bytes())
+                    );
+                    return;
+                }
+            }
         }
         pending.push_back(msg.as_bytes().to_vec());
         drop(pending);
@@ -77,9 +92,8 @@ impl Upstream {
     pub fn flush(&self) {
         let mut pending = self.pending.borrow_mut();
         while let Some(msg) = pending.front() {
-            match net::send(&self.fd, msg, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
-                Ok(_) => {}
-                Err(Errno::INTR) => continue,
+            match self.send_one(msg) {
+                Ok(()) => {}
                 Err(Errno::AGAIN) => return,
                 Err(e) => {
                     crate::warn!(
@@ -89,6 +103,25 @@ impl Upstream {
                 }
             }
             pending.pop_front();
+        }
+    }
+
+    /// One datagram. A receiver that went away (systemd re-executing, a
+    /// socket bound anew at the same path) leaves us unconnected: connect
+    /// again and retry once.
+    fn send_one(&self, msg: &[u8]) -> rustix::io::Result<()> {
+        let send = || loop {
+            match net::send(&self.fd, msg, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
+                Err(Errno::INTR) => continue,
+                other => return other.map(drop),
+            }
+        };
+        match send() {
+            Err(Errno::CONNREFUSED | Errno::NOTCONN | Errno::CONNRESET | Errno::DESTADDRREQ) => {
+                net::connect(&self.fd, &self.addr)?;
+                send()
+            }
+            other => other,
         }
     }
 

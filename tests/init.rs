@@ -560,6 +560,33 @@ fn sd_notify_upward_waits_for_room_without_blocking() {
     assert_eq!(sup.count("unable to tell our own NOTIFY_SOCKET"), 0);
 }
 
+/// A notify socket that goes away and is bound again at the same path
+/// (systemd re-executing itself, say) hears the next messages: the
+/// supervisor connects again instead of going quiet for good.
+#[test]
+fn sd_notify_upward_reaches_a_socket_bound_again() {
+    let dir = TempDir::new("sd-again");
+    let control = control_path(&dir);
+    let (sock, sup) = under_systemd(&dir, &run_args(&control, &[]));
+    let mut log = Vec::new();
+    recv_until(&sock, "READY", &mut log);
+    sup.wait_ready(1);
+    let path = dir.join("systemd-notify.sock");
+    drop(sock);
+    fs::remove_file(&path).unwrap();
+    // One deploy while nobody listens: its messages are lost (a warning).
+    sup.signal(libc::SIGHUP);
+    sup.wait_ready(2);
+    sup.wait_line("unable to tell our own NOTIFY_SOCKET");
+    let again = UnixDatagram::bind(&path).expect("bind the notify socket again");
+    again.set_read_timeout(Some(DEADLINE)).unwrap();
+    sup.signal(libc::SIGHUP);
+    let reloading = recv_until(&again, "RELOADING", &mut log);
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading:?}");
+    recv_until(&again, "READY", &mut log);
+    sup.wait_ready(3);
+}
+
 /// Acts as systemd: `sock` is bound at `notify_socket`, which the
 /// supervisor gets as `NOTIFY_SOCKET`.
 fn speaks_sd_notify_upward(dir: &TempDir, sock: UnixDatagram, notify_socket: &str) {
