@@ -105,10 +105,13 @@ pub fn stop(control: Option<PathBuf>) -> i32 {
         // It closed without a word: it was already exiting (another stop,
         // a signal). What we asked for happens; its status is not ours to
         // hear. Bounded: a supervisor that lingers was not exiting.
+        // Without a pidfd (its pid is not visible here: another PID
+        // namespace) the close alone says it: a supervisor closes on a
+        // client without a word only when it exits.
         Ok(Outcome::Gone(_))
             if supervisor
                 .as_ref()
-                .is_some_and(|p| wait_exit(p, Some(Duration::from_secs(30)))) =>
+                .is_none_or(|p| wait_exit(p, Some(Duration::from_secs(30)))) =>
         {
             crate::log::out("supervisor exited (it was already exiting; status not reported)");
             0

@@ -79,15 +79,8 @@ pub fn default_path() -> PathBuf {
     if let Some(p) = var("CONTAINERFLIP_CONTROL") {
         return p.into();
     }
-    for dir in ["RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"] {
-        // Relative directories are ignored, as for the runtime directory:
-        // the socket must not land wherever we happen to run.
-        if let Some(d) = var(dir)
-            .and_then(|v| std::env::split_paths(&v).next())
-            .filter(|d| d.is_absolute())
-        {
-            return d.join("containerflip.sock");
-        }
+    if let Some(d) = crate::rundir::runtime_dir_from_env() {
+        return d.join("containerflip.sock");
     }
     let uid = rustix::process::getuid();
     if uid.is_root() {

@@ -77,23 +77,26 @@ impl Drop for RunDir {
 }
 
 fn base_dir() -> PathBuf {
-    let from_env = |k: &str| {
-        std::env::var_os(k)
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute() && p.is_dir())
-    };
-    // RUNTIME_DIRECTORY may list several directories separated by ':'.
-    if let Some(p) = std::env::var_os("RUNTIME_DIRECTORY")
-        .and_then(|v| std::env::split_paths(&v).next())
-        .filter(|p| p.is_absolute() && p.is_dir())
-    {
-        return p;
-    }
-    if let Some(p) = from_env("XDG_RUNTIME_DIR") {
+    if let Some(p) = runtime_dir_from_env() {
         return p;
     }
     if rustix::process::getuid().is_root() && Path::new("/run").is_dir() {
         return PathBuf::from("/run");
     }
     std::env::temp_dir()
+}
+
+/// The first of `$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=`) and
+/// `$XDG_RUNTIME_DIR` that names a directory: of a colon-separated list the
+/// first entry; empty, relative or missing ones are skipped. The runtime
+/// directory and the default control socket both start from here.
+pub fn runtime_dir_from_env() -> Option<PathBuf> {
+    ["RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"]
+        .iter()
+        .find_map(|k| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .and_then(|v| std::env::split_paths(&v).next())
+                .filter(|p| p.is_absolute() && p.is_dir())
+        })
 }
