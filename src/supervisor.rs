@@ -914,9 +914,9 @@ impl Supervisor {
                         .command
                         .first()
                         .map_or_else(String::new, |c| crate::log::printable(&c.to_string_lossy())),
-                    crate::sys::Stage::Chdir => {
-                        chdir.map_or_else(String::new, |d| d.display().to_string())
-                    }
+                    crate::sys::Stage::Chdir => chdir
+                        .as_ref()
+                        .map_or_else(String::new, |d| d.display().to_string()),
                     _ => String::new(),
                 };
                 let what = if what.is_empty() {
@@ -924,11 +924,24 @@ impl Supervisor {
                 } else {
                     format!(" {what}")
                 };
-                let why = format!(
-                    "unable to {}{what}: {}",
-                    stage.doing(),
+                // execve says EACCES for a directory; say what it is.
+                let program = g.command.first().map(std::path::Path::new);
+                let is_dir = program.is_some_and(|p| {
+                    p.components().count() > 1
+                        && chdir
+                            .as_deref()
+                            .map_or(p.to_path_buf(), |d| d.join(p))
+                            .is_dir()
+                });
+                let error = if matches!(stage, crate::sys::Stage::Exec)
+                    && e.raw_os_error() == Some(libc::EACCES)
+                    && is_dir
+                {
+                    "is a directory".to_string()
+                } else {
                     crate::error::os_message(&e)
-                );
+                };
+                let why = format!("unable to {}{what}: {error}", stage.doing());
                 warn!("{} {why}", g.tag());
                 g.exec_error = Some(why);
             }

@@ -1451,6 +1451,11 @@ fn a_worker_that_cannot_start_is_named_with_the_reason() {
             format!("unable to execute {}: Permission denied", plain.display()),
         ),
         (
+            vec!["--", dir.str()],
+            126,
+            format!("unable to execute {}: is a directory", dir.str()),
+        ),
+        (
             vec!["--chdir", missing_dir.to_str().unwrap(), "--", worker()],
             1,
             format!(
