@@ -64,7 +64,7 @@ Options:
   -h, --help                 print this help
 
 DUR is a number with a unit: ms, s, m or h (a bare number is seconds).
-SIG is a signal name (TERM, SIGQUIT) or number.
+SIG is a signal name (TERM, SIGQUIT, RTMIN+1) or number.
 ";
 
 pub const DEPLOY_HELP: &str = "\

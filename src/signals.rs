@@ -76,7 +76,26 @@ pub fn parse(s: &str) -> Option<i32> {
     }
     let upper = s.to_ascii_uppercase();
     let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
-    NAMES.iter().find(|(_, s)| *s == bare).map(|(n, _)| *n)
+    if let Some(n) = NAMES.iter().find(|(_, s)| *s == bare).map(|(n, _)| *n) {
+        return Some(n);
+    }
+    // RTMIN, RTMIN+N, RTMAX, RTMAX-N, as kill(1) writes them (glibc's
+    // SIGRTMIN is 34: it keeps 32 and 33 for itself).
+    let (base, rest) = if let Some(r) = bare.strip_prefix("RTMIN") {
+        (libc::SIGRTMIN(), r)
+    } else if let Some(r) = bare.strip_prefix("RTMAX") {
+        (libc::SIGRTMAX(), r)
+    } else {
+        return None;
+    };
+    let n = match rest {
+        "" => base,
+        r if base == libc::SIGRTMIN() => base + r.strip_prefix('+')?.parse::<i32>().ok()?,
+        r => base - r.strip_prefix('-')?.parse::<i32>().ok()?,
+    };
+    (libc::SIGRTMIN()..=libc::SIGRTMAX())
+        .contains(&n)
+        .then_some(n)
 }
 
 /// The blocked signal set and the signalfd that reads it.
@@ -126,5 +145,13 @@ mod tests {
         assert_eq!(super::parse("BOGUS"), None);
         assert_eq!(super::name(15), "SIGTERM");
         assert_eq!(super::name(40), "SIG40");
+        let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
+        assert_eq!(super::parse("SIGRTMIN"), Some(min));
+        assert_eq!(super::parse("rtmin+1"), Some(min + 1));
+        assert_eq!(super::parse("RTMAX-2"), Some(max - 2));
+        assert_eq!(super::parse("RTMAX"), Some(max));
+        assert_eq!(super::parse("RTMIN+99"), None);
+        assert_eq!(super::parse("RTMIN-1"), None);
+        assert_eq!(super::parse("RTMAX+1"), None);
     }
 }
