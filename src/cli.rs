@@ -20,7 +20,7 @@ Usage:
   containerflip run [OPTIONS] -- COMMAND [ARG...]
   containerflip deploy [--control PATH] [--timeout DUR] [-- COMMAND [ARG...]]
   containerflip rollback [--control PATH]
-  containerflip status [--control PATH] [--json] [--check]
+  containerflip status [--control PATH] [--json | --check]
   containerflip stop [--control PATH]
   containerflip --help | --version
 

@@ -182,7 +182,10 @@ fn exchange_with(
 ) -> Result<Outcome, (i32, String)> {
     let path = path.unwrap_or_else(control::default_path);
     let shown = path.display().to_string();
-    let stream = connect(&path, timeout).map_err(|e| {
+    // A stuck supervisor's full backlog would hold connect(2) for ever:
+    // connecting is bounded like the first reply (and by --timeout).
+    let connect_within = timeout.map_or(ACK_TIMEOUT, |t| t.min(ACK_TIMEOUT));
+    let stream = connect(&path, Some(connect_within)).map_err(|e| {
         (
             NO_SUPERVISOR,
             format!(

@@ -65,6 +65,13 @@ impl Addr {
     /// when not bound, `Some(None)` for all its addresses, else the one.
     /// `PORT` and `[::]:PORT` are dual-stack (IPV6_V6ONLY cleared).
     fn tcp(&self) -> Option<(u16, Family, Family)> {
+        // [::ffff:a.b.c.d] is an IPv4 address on a dual-stack socket.
+        if let Addr::Tcp(SocketAddr::V6(a)) = self
+            && let Some(v4) = a.ip().to_ipv4_mapped()
+        {
+            let ip = (!v4.is_unspecified()).then_some(IpAddr::V4(v4));
+            return Some((a.port(), Some(ip), None));
+        }
         match self {
             Addr::Any(p) => Some((*p, Some(None), Some(None))),
             Addr::Tcp(a) if a.ip().is_unspecified() && a.is_ipv6() => {
@@ -503,6 +510,9 @@ mod tests {
         assert!(a("0.0.0.0:9001").clashes(&a("9001")));
         assert!(!a("0.0.0.0:9001").clashes(&a("[::1]:9001")));
         assert!(!a("127.0.0.1:9001").clashes(&a("[::1]:9001")));
+        assert!(a("[::ffff:127.0.0.1]:9001").clashes(&a("127.0.0.1:9001")));
+        assert!(a("[::ffff:0.0.0.0]:9001").clashes(&a("127.0.0.1:9001")));
+        assert!(!a("[::ffff:127.0.0.1]:9001").clashes(&a("[::1]:9001")));
     }
 
     #[test]

@@ -77,7 +77,7 @@ impl Drop for RunDir {
 }
 
 fn base_dir() -> PathBuf {
-    if let Some(p) = runtime_dir_from_env() {
+    if let Some(p) = runtime_dir_from_env(|p| p.is_dir()) {
         return p;
     }
     if rustix::process::getuid().is_root() && Path::new("/run").is_dir() {
@@ -87,16 +87,18 @@ fn base_dir() -> PathBuf {
 }
 
 /// The first of `$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=`) and
-/// `$XDG_RUNTIME_DIR` that names a directory: of a colon-separated list the
-/// first entry; empty, relative or missing ones are skipped. The runtime
-/// directory and the default control socket both start from here.
-pub fn runtime_dir_from_env() -> Option<PathBuf> {
+/// `$XDG_RUNTIME_DIR` that is set to an absolute path (of a colon-separated
+/// list, the first entry) and passes `usable`. The runtime directory skips
+/// one that is not an existing directory (it has fallbacks); the default
+/// control socket does not, so that `run` and a client given the same
+/// variables always agree, and a missing directory fails `run` loudly.
+pub fn runtime_dir_from_env(usable: impl Fn(&Path) -> bool) -> Option<PathBuf> {
     ["RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"]
         .iter()
         .find_map(|k| {
             std::env::var_os(k)
                 .filter(|v| !v.is_empty())
                 .and_then(|v| std::env::split_paths(&v).next())
-                .filter(|p| p.is_absolute() && p.is_dir())
+                .filter(|p| p.is_absolute() && usable(p))
         })
 }

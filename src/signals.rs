@@ -44,10 +44,15 @@ const NAMES: [(i32, &str); 31] = [
     (libc::SIGSYS, "SYS"),
 ];
 
-/// `SIGTERM` for 15, `SIG37` for a number without a name.
+/// `SIGTERM` for 15, `SIGRTMIN+1` for 35, `SIG32` for a number without a
+/// name.
 pub fn name(sig: i32) -> String {
     match NAMES.iter().find(|(n, _)| *n == sig) {
         Some((_, s)) => format!("SIG{s}"),
+        None if sig == libc::SIGRTMIN() => "SIGRTMIN".into(),
+        None if (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&sig) => {
+            format!("SIGRTMIN+{}", sig - libc::SIGRTMIN())
+        }
         None => format!("SIG{sig}"),
     }
 }
@@ -88,10 +93,18 @@ pub fn parse(s: &str) -> Option<i32> {
     } else {
         return None;
     };
+    let offset = |r: &str, sign: char| {
+        let digits = r.strip_prefix(sign)?;
+        // parse() alone would take a second sign ("RTMIN++1").
+        digits
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| digits.parse::<i32>().ok())?
+    };
     let n = match rest {
         "" => base,
-        r if base == libc::SIGRTMIN() => base + r.strip_prefix('+')?.parse::<i32>().ok()?,
-        r => base - r.strip_prefix('-')?.parse::<i32>().ok()?,
+        r if base == libc::SIGRTMIN() => base + offset(r, '+')?,
+        r => base - offset(r, '-')?,
     };
     (libc::SIGRTMIN()..=libc::SIGRTMAX())
         .contains(&n)
@@ -144,7 +157,8 @@ mod tests {
         assert_eq!(super::parse("0"), None);
         assert_eq!(super::parse("BOGUS"), None);
         assert_eq!(super::name(15), "SIGTERM");
-        assert_eq!(super::name(40), "SIG40");
+        assert_eq!(super::name(32), "SIG32");
+        assert_eq!(super::name(libc::SIGRTMIN() + 1), "SIGRTMIN+1");
         let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
         assert_eq!(super::parse("SIGRTMIN"), Some(min));
         assert_eq!(super::parse("rtmin+1"), Some(min + 1));
@@ -153,5 +167,7 @@ mod tests {
         assert_eq!(super::parse("RTMIN+99"), None);
         assert_eq!(super::parse("RTMIN-1"), None);
         assert_eq!(super::parse("RTMAX+1"), None);
+        assert_eq!(super::parse("RTMIN++1"), None);
+        assert_eq!(super::parse("RTMAX-+1"), None);
     }
 }

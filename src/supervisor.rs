@@ -926,8 +926,9 @@ impl Supervisor {
                 };
                 // execve says EACCES for a directory; say what it is.
                 let program = g.command.first().map(std::path::Path::new);
+                // Only a name with a '/' is a path (execvp's rule).
                 let is_dir = program.is_some_and(|p| {
-                    p.components().count() > 1
+                    p.as_os_str().as_encoded_bytes().contains(&b'/')
                         && chdir
                             .as_deref()
                             .map_or(p.to_path_buf(), |d| d.join(p))

@@ -1592,6 +1592,13 @@ fn the_default_control_path_follows_the_documented_order() {
         s(&xdg_sock),
         "relative directories are skipped"
     );
+    // A directory that does not exist (yet) still names the path: `run`
+    // fails there loudly rather than choosing another one than clients.
+    let missing = dir.join("missing");
+    assert_eq!(
+        tried(&[("XDG_RUNTIME_DIR", &missing)], false),
+        s(&missing.join("containerflip.sock"))
+    );
     if is_root() && Path::new("/run/containerflip.sock").exists() {
         // A supervisor started by hand with the defaults answers there.
         skipped(
