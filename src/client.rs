@@ -96,7 +96,7 @@ pub fn stop(control: Option<PathBuf>) -> i32 {
     match result {
         Ok(Outcome::Ok(text)) => {
             if let Some(pidfd) = &supervisor {
-                wait_exit(pidfd, None);
+                crate::reap::pidfd_exited(pidfd, None);
             }
             // "exited with status N": the supervisor's own exit status.
             crate::log::out(&format!("supervisor {text}"));
@@ -111,30 +111,12 @@ pub fn stop(control: Option<PathBuf>) -> i32 {
         Ok(Outcome::Gone(_))
             if supervisor
                 .as_ref()
-                .is_none_or(|p| wait_exit(p, Some(Duration::from_secs(30)))) =>
+                .is_none_or(|p| crate::reap::pidfd_exited(p, Some(Duration::from_secs(30)))) =>
         {
             crate::log::out("supervisor exited (it was already exiting; status not reported)");
             0
         }
         other => finish(other),
-    }
-}
-
-/// Wait until the process behind `pidfd` has exited; false if `limit`
-/// passed first.
-fn wait_exit(pidfd: &std::os::fd::OwnedFd, limit: Option<Duration>) -> bool {
-    use rustix::event::{PollFd, PollFlags, Timespec, poll};
-    let limit = limit.map(|d| Timespec {
-        tv_sec: d.as_secs() as i64,
-        tv_nsec: d.subsec_nanos() as i64,
-    });
-    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
-    loop {
-        match poll(&mut fds, limit.as_ref()) {
-            Err(rustix::io::Errno::INTR) => continue,
-            Ok(n) => return n > 0,
-            Err(_) => return false,
-        }
     }
 }
 

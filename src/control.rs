@@ -181,11 +181,16 @@ fn check_request_line(input: &[u8]) -> std::result::Result<(), String> {
     if std::str::from_utf8(line).is_err() {
         return Err("the request line is not UTF-8".into());
     }
-    let line = line.strip_suffix(b"\r").ok_or(()).map_or(Ok(line), |l| {
-        check_protocol(l.split(|&b| b == b' ').next().unwrap_or_default())?;
-        Err("lines end in LF, not CRLF".to_string())
-    })?;
-    check_protocol(line.split(|&b| b == b' ').next().unwrap_or_default())
+    // The protocol word first, so that an HTTP request is named as such.
+    let (line, crlf) = match line.strip_suffix(b"\r") {
+        Some(l) => (l, true),
+        None => (line, false),
+    };
+    check_protocol(line.split(|&b| b == b' ').next().unwrap_or_default())?;
+    if crlf {
+        return Err("lines end in LF, not CRLF".into());
+    }
+    Ok(())
 }
 
 fn unhex(hex: &[u8]) -> Option<Vec<u8>> {

@@ -29,6 +29,24 @@ pub fn collect() -> Vec<(i32, Exit)> {
     }
 }
 
+/// Whether the process behind `pidfd` has exited (its pidfd is readable),
+/// waiting up to `within` (`None`: until it has).
+pub fn pidfd_exited(pidfd: &std::os::fd::OwnedFd, within: Option<std::time::Duration>) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let within = within.map(|d| Timespec {
+        tv_sec: d.as_secs() as _,
+        tv_nsec: d.subsec_nanos() as _,
+    });
+    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+    loop {
+        match poll(&mut fds, within.as_ref()) {
+            Err(Errno::INTR) => continue,
+            Ok(n) => return n > 0,
+            Err(_) => return false,
+        }
+    }
+}
+
 /// Whether child `pid` is gone without our having reaped it (the kernel
 /// auto-reaped it: SIGCHLD ignored). WNOWAIT: a zombie stays for
 /// [`collect`], whose status it is.

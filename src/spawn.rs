@@ -222,6 +222,36 @@ fn resolve(program: &OsStr, env: &[(OsString, OsString)], chdir: Option<&Path>) 
     None
 }
 
+/// "unable to execute /srv/app: No such file or directory": what a child
+/// that reported `Failed(stage, e)` was doing, on what, and why.
+pub fn failure_reason(
+    stage: sys::Stage,
+    e: &std::io::Error,
+    command: &[OsString],
+    chdir: Option<&Path>,
+) -> String {
+    let program = command.first().map(Path::new);
+    let what = match stage {
+        sys::Stage::Exec => program.map(|p| crate::log::printable(&p.to_string_lossy())),
+        sys::Stage::Chdir => chdir.map(|d| d.display().to_string()),
+        _ => None,
+    };
+    let what = what.map_or_else(String::new, |w| format!(" {w}"));
+    // execve says EACCES for a directory; say what it is. Only a name
+    // with a '/' is a path (execvp's rule).
+    let is_dir = program.is_some_and(|p| {
+        p.as_os_str().as_bytes().contains(&b'/')
+            && chdir.map_or(p.to_path_buf(), |d| d.join(p)).is_dir()
+    });
+    let error =
+        if matches!(stage, sys::Stage::Exec) && e.raw_os_error() == Some(libc::EACCES) && is_dir {
+            "is a directory".to_string()
+        } else {
+            crate::error::os_message(e)
+        };
+    format!("unable to {}{what}: {error}", stage.doing())
+}
+
 /// An env file larger than this is refused.
 const MAX_ENV_FILE: u64 = 1 << 20;
 
@@ -236,15 +266,8 @@ fn read_small_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
+    if !file.metadata()?.is_file() {
         return Err(std::io::Error::other("not a regular file"));
-    }
-    if meta.len() > max {
-        return Err(std::io::Error::other(format!(
-            "larger than {} KiB",
-            max / 1024
-        )));
     }
     let mut text = Vec::new();
     file.take(max + 1).read_to_end(&mut text)?;

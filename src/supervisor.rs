@@ -578,7 +578,10 @@ impl Supervisor {
         }
         // READY=1 and the exit can arrive in the same poll turn: a worker
         // that is already dead must not retire the one that serves.
-        if g.pidfd.as_ref().is_some_and(exited) {
+        if g.pidfd
+            .as_ref()
+            .is_some_and(|p| reap::pidfd_exited(p, Some(Duration::ZERO)))
+        {
             debug!(
                 "{} READY=1 from a worker that already exited (ignored)",
                 g.tag()
@@ -909,40 +912,7 @@ impl Supervisor {
                 }
             }
             spawn::ExecReport::Failed(stage, e) => {
-                let what = match stage {
-                    crate::sys::Stage::Exec => g
-                        .command
-                        .first()
-                        .map_or_else(String::new, |c| crate::log::printable(&c.to_string_lossy())),
-                    crate::sys::Stage::Chdir => chdir
-                        .as_ref()
-                        .map_or_else(String::new, |d| d.display().to_string()),
-                    _ => String::new(),
-                };
-                let what = if what.is_empty() {
-                    what
-                } else {
-                    format!(" {what}")
-                };
-                // execve says EACCES for a directory; say what it is.
-                let program = g.command.first().map(std::path::Path::new);
-                // Only a name with a '/' is a path (execvp's rule).
-                let is_dir = program.is_some_and(|p| {
-                    p.as_os_str().as_encoded_bytes().contains(&b'/')
-                        && chdir
-                            .as_deref()
-                            .map_or(p.to_path_buf(), |d| d.join(p))
-                            .is_dir()
-                });
-                let error = if matches!(stage, crate::sys::Stage::Exec)
-                    && e.raw_os_error() == Some(libc::EACCES)
-                    && is_dir
-                {
-                    "is a directory".to_string()
-                } else {
-                    crate::error::os_message(&e)
-                };
-                let why = format!("unable to {}{what}: {error}", stage.doing());
+                let why = spawn::failure_reason(stage, &e, &g.command, chdir.as_deref());
                 warn!("{} {why}", g.tag());
                 g.exec_error = Some(why);
             }
@@ -1126,18 +1096,13 @@ impl Supervisor {
                 self.request_deploy(Target::Current, Origin::Replace, None, now);
             }
         }
-        if let Some(stop) = self.stop.as_mut()
-            && stop.orphan_deadline.is_some_and(|t| t <= now)
+        // They stay `strays` until reaped: the exit waits for that.
+        if self
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.orphan_deadline.is_some_and(|t| t <= now))
         {
-            // They stay `strays` until reaped: the exit waits for that.
-            stop.orphan_deadline = None;
-            for pid in reap::orphans(&self.gens, &stop.killed_groups) {
-                if !stop.killed.contains(&pid) {
-                    warn!("pid {pid} killed at drain deadline (left behind by a worker)");
-                    let _ = crate::sys::kill(pid, libc::SIGKILL);
-                    stop.killed.push(pid);
-                }
-            }
+            self.check_strays(now);
         }
         if let Some(c) = self.control.as_mut() {
             c.expire(now);
@@ -1183,14 +1148,4 @@ impl Supervisor {
     pub fn deploying(&self) -> Option<u64> {
         self.deploy.as_ref().map(|d| d.n)
     }
-}
-
-/// Whether the process behind `pidfd` has exited (readable pidfd).
-fn exited(pidfd: &std::os::fd::OwnedFd) -> bool {
-    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
-    let zero = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    matches!(poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
 }

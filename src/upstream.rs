@@ -19,8 +19,7 @@ use std::os::unix::ffi::OsStrExt;
 use rustix::io::Errno;
 use rustix::net::{self, AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 
-/// Messages waiting for room at most; past this the newest are dropped
-/// (a receiver that reads nothing for this long is not there).
+/// Messages waiting for room at most (see `send` for what makes room).
 const MAX_PENDING: usize = 64;
 
 pub struct Upstream {

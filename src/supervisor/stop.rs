@@ -128,8 +128,9 @@ impl Supervisor {
     /// While stopping: find our children that belong to no generation
     /// (daemons that left their group, reparented to us as subreaper or
     /// PID 1), give new ones the stop signal and the drain deadline, and
-    /// note when none is left. Run at the stop and after every reap, since
-    /// a daemon becomes our child only when its parent dies.
+    /// note when none is left. Run at the stop, after every reap (a daemon
+    /// becomes our child only when its parent dies) and at the deadline,
+    /// when each one gets SIGKILL, once.
     pub(super) fn check_strays(&mut self, now: Instant) {
         let sig = self.cfg.stop_signal;
         let Some(stop) = self.stop.as_mut() else {
@@ -145,15 +146,17 @@ impl Supervisor {
             if stop.killed.contains(&pid) || (stop.signalled.contains(&pid) && !kill_now) {
                 continue;
             }
-            let sent = if kill_now { libc::SIGKILL } else { sig };
-            info!(
-                "pid {pid} (left behind by a worker) gets {}",
-                signals::name(sent)
-            );
-            let _ = crate::sys::kill(pid, sent);
-            stop.signalled.push(pid);
-            if sent == libc::SIGKILL {
+            if kill_now {
+                warn!("pid {pid} killed at drain deadline (left behind by a worker)");
+                let _ = crate::sys::kill(pid, libc::SIGKILL);
                 stop.killed.push(pid);
+            } else {
+                info!(
+                    "pid {pid} (left behind by a worker) gets {}",
+                    signals::name(sig)
+                );
+                let _ = crate::sys::kill(pid, sig);
+                stop.signalled.push(pid);
             }
         }
         stop.strays = !strays.is_empty();
