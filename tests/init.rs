@@ -140,6 +140,35 @@ impl DerefMut for InNamespace {
     }
 }
 
+impl InNamespace {
+    /// `unshare --pid --fork [--mount-proc] containerflip run …` with its
+    /// control socket and records in `dir`; the harness's records stay in
+    /// `elsewhere`.
+    fn start(dir: &TempDir, elsewhere: &TempDir, mount_proc: bool, env: &[(&str, &str)]) -> Self {
+        let control = control_path(dir);
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--pid", "--fork"]);
+        if mount_proc {
+            cmd.arg("--mount-proc");
+        }
+        cmd.args([bin(), "run"])
+            .args(run_args(&control, &["--drain-timeout", "10s"]))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUNTIME_DIRECTORY", dir.path())
+            .env("WORKER_RECORD", dir.path());
+        InNamespace(ManuallyDrop::new(Supervisor::spawn(cmd, elsewhere, env)))
+    }
+
+    /// The host pid of the namespace's PID 1: unshare's only child.
+    fn init(&self) -> u32 {
+        wait_until("containerflip to be unshare's child", || {
+            children(self.pid).len() == 1
+        });
+        children(self.pid)[0]
+    }
+}
+
 impl Drop for InNamespace {
     fn drop(&mut self) {
         kill(-(self.0.pid as i32), libc::SIGKILL);
@@ -171,26 +200,14 @@ fn pid1_in_a_pid_namespace_reaps_orphans_deploys_and_stops_on_term() {
     // The harness's view of the records stays empty: its clean-up reads
     // pids from there, and these would be pids inside the namespace.
     let elsewhere = TempDir::new("pid1-h");
-    let control = control_path(&dir);
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--pid", "--fork", "--mount-proc", bin(), "run"])
-        .args(run_args(&control, &["--drain-timeout", "10s"]))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("RUNTIME_DIRECTORY", dir.path())
-        .env("WORKER_RECORD", dir.path())
-        .env("WORKER_SPAWN", "orphan");
-    let mut sup = InNamespace(ManuallyDrop::new(Supervisor::spawn(cmd, &elsewhere, &[])));
+    let mut sup = InNamespace::start(&dir, &elsewhere, true, &[("WORKER_SPAWN", "orphan")]);
 
     let w1 = sup.wait_ready(1);
     let addr = sup.listen_addr();
     assert_eq!(get(addr, "/").unwrap().generation(), 1);
 
     // containerflip is unshare's only child, and PID 1 of the namespace.
-    wait_until("containerflip to be unshare's child", || {
-        children(sup.pid).len() == 1
-    });
-    let init = children(sup.pid)[0];
+    let init = sup.init();
     let nspid = status_line(init, "NSpid").unwrap();
     assert_eq!(
         nspid.split_whitespace().last(),
@@ -259,22 +276,10 @@ fn pid1_with_the_hosts_proc_signals_none_of_its_processes() {
     }
     let dir = TempDir::new("pid1-hostproc");
     let elsewhere = TempDir::new("pid1-hostproc-h");
-    let control = control_path(&dir);
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--pid", "--fork", bin(), "run"])
-        .args(run_args(&control, &["--drain-timeout", "10s"]))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("RUNTIME_DIRECTORY", dir.path())
-        .env("WORKER_RECORD", dir.path());
-    let mut sup = InNamespace(ManuallyDrop::new(Supervisor::spawn(cmd, &elsewhere, &[])));
+    let mut sup = InNamespace::start(&dir, &elsewhere, false, &[]);
     sup.wait_line("/proc is not this PID namespace's");
     sup.wait_ready(1);
-    wait_until("containerflip to be unshare's child", || {
-        children(sup.pid).len() == 1
-    });
-    let init = children(sup.pid)[0];
-    kill(init as i32, libc::SIGTERM);
+    kill(sup.init() as i32, libc::SIGTERM);
     let status = sup.wait_exit();
     assert_eq!(status.code(), Some(0), "exit status of unshare: {status}");
     assert_eq!(sup.count("left behind by a worker"), 0, "{:?}", sup.lines());
@@ -329,10 +334,7 @@ exec chroot "$R" "/cf-bin/$(basename "$B")" run --listen 127.0.0.1:0 -- "/cf-wor
     let ctl = root.join("run/containerflip.sock");
     let out = run_client(client_cmd_at(&ctl, "status", &["--check"]));
     assert_eq!(out.code(), 0, "{out:?}");
-    wait_until("containerflip to be unshare's child", || {
-        children(sup.pid).len() == 1
-    });
-    kill(children(sup.pid)[0] as i32, libc::SIGTERM);
+    kill(sup.init() as i32, libc::SIGTERM);
     let status = sup.wait_exit();
     assert_eq!(status.code(), Some(0), "exit status of unshare: {status}");
 }
