@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use lexopt::prelude::*;
 
+use crate::control;
 use crate::listen;
 use crate::signals;
 
@@ -20,7 +21,7 @@ Usage:
   containerflip run [OPTIONS] -- COMMAND [ARG...]
   containerflip deploy [--control PATH] [--timeout DUR] [-- COMMAND [ARG...]]
   containerflip rollback [--control PATH]
-  containerflip status [--control PATH] [--json | --check]
+  containerflip status [--control PATH] [--json] [--check]
   containerflip stop [--control PATH]
   containerflip --help | --version
 
@@ -93,7 +94,7 @@ Options:
 ";
 
 pub const STATUS_HELP: &str = "\
-Usage: containerflip status [--control PATH] [--json | --check]
+Usage: containerflip status [--control PATH] [--json] [--check]
 
 Show listeners, generations, counters and the last failure.
 
@@ -101,7 +102,8 @@ Options:
       --control PATH   control socket [default: see containerflip(1)]
       --json           print one JSON object
       --check          print one line; exit 0 if a ready generation serves,
-                       else 1 (3 if no supervisor answers)
+                       else 1 (3 if no supervisor answers); with --json,
+                       print the JSON object instead of the line
   -h, --help           print this help
 ";
 
@@ -361,8 +363,25 @@ fn parse_deploy(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
             _ => return Err(arg.unexpected().into()),
         }
     }
-    if command.as_ref().is_some_and(|c| c[0].is_empty()) {
-        return Err(Usage("deploy: the worker command is empty".into()));
+    if let Some(c) = &command {
+        if c[0].is_empty() {
+            return Err(Usage("deploy: the worker command is empty".into()));
+        }
+        // What the supervisor would refuse, refused here as what it is.
+        if c.len() > control::MAX_ARGS {
+            return Err(Usage(format!(
+                "deploy: the command has {} words; at most {} go over the control socket",
+                c.len(),
+                control::MAX_ARGS
+            )));
+        }
+        let size = control::encode_request("deploy", None, Some(c)).len();
+        if size > control::MAX_REQUEST {
+            return Err(Usage(format!(
+                "deploy: the command is too long ({size} bytes as a request; at most {} KiB go over the control socket)",
+                control::MAX_REQUEST / 1024
+            )));
+        }
     }
     Ok(Command::Deploy {
         control,
@@ -381,11 +400,6 @@ fn parse_status(mut p: lexopt::Parser) -> Result<Command> {
             Short('h') | Long("help") => return Ok(Command::Help(STATUS_HELP)),
             _ => return Err(arg.unexpected().into()),
         }
-    }
-    if json && check {
-        return Err(Usage(
-            "status: --json and --check do not go together (--check prints one line)".into(),
-        ));
     }
     Ok(Command::Status {
         control,

@@ -51,24 +51,14 @@ pub fn rollback(control: Option<PathBuf>) -> i32 {
 }
 
 pub fn status(control: Option<PathBuf>, json: bool, check: bool) -> i32 {
-    if check {
-        // A health check: the verdict on stdout whichever way it goes.
-        let req = control::encode_request("status", Some("check"), None);
-        return match exchange(control, &req, Some(Duration::from_secs(30)), &mut |_, _| {}) {
-            Ok(Outcome::Ok(text)) => {
-                crate::log::out(&text);
-                0
-            }
-            Ok(Outcome::Failed(text)) => {
-                crate::log::out(&text);
-                1
-            }
-            other => finish(other),
-        };
-    }
-    let param = if json { "json" } else { "text" };
+    let param = match (json, check) {
+        (true, true) => "json-check",
+        (true, false) => "json",
+        (false, true) => "check",
+        (false, false) => "text",
+    };
     let req = control::encode_request("status", Some(param), None);
-    finish(exchange(
+    let result = exchange(
         control,
         &req,
         Some(Duration::from_secs(30)),
@@ -77,7 +67,20 @@ pub fn status(control: Option<PathBuf>, json: bool, check: bool) -> i32 {
                 crate::log::out(text);
             }
         },
-    ))
+    );
+    if !check {
+        return finish(result);
+    }
+    // A health check: the verdict whichever way it goes, on stdout (after
+    // the JSON object, only in the exit status).
+    if let (false, Ok(Outcome::Ok(text) | Outcome::Failed(text))) = (json, &result) {
+        crate::log::out(text);
+    }
+    match result {
+        Ok(Outcome::Ok(_)) => 0,
+        Ok(Outcome::Failed(_)) => 1,
+        other => finish(other),
+    }
 }
 
 pub fn stop(control: Option<PathBuf>) -> i32 {

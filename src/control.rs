@@ -16,7 +16,8 @@
 //!           ok TEXT | error TEXT             last line; then the server closes
 //! ```
 //!
-//! `status` takes `text`, `json` or `check`. A request is at most
+//! `status` takes `text`, `json`, `check` or `json-check` (the JSON
+//! object, and the verdict of `check` as the last line). A request is at most
 //! [`MAX_REQUEST`] bytes and must be complete within [`REQUEST_TIMEOUT`];
 //! replies are queued up to [`MAX_OUTPUT`] bytes per client, and a client
 //! that reads nothing past that is dropped. A client that goes away does
@@ -41,13 +42,17 @@ pub const MAX_REQUEST: usize = 256 * 1024;
 pub const MAX_ARGS: usize = 4096;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_OUTPUT: usize = 1024 * 1024;
+/// How long a client has to read the rest of its reply once the last line
+/// is queued; then it is closed (and its queued reply freed).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once. One more makes room by closing the oldest
 /// client that has been connected for [`EVICT_AFTER`] without sending a
-/// complete request, so silent clients never lock out `status` for long;
-/// with none of those, more wait in the backlog.
+/// complete request or reading its whole reply, so idle clients never
+/// lock out `status` for long; with none of those, more wait in the
+/// backlog.
 pub const MAX_CLIENTS: usize = 128;
-/// How long a client may send nothing useful before it may be closed to
-/// make room (a real client sends its request at once).
+/// How long a client may send or read nothing before it may be closed to
+/// make room (a real client sends its request at once and reads).
 pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 /// Clients waiting on a deploy, rollback or stop at once; more are
 /// answered with an error, so that `status` always finds a slot.
@@ -62,6 +67,8 @@ pub enum StatusFormat {
     Text,
     Json,
     Check,
+    /// The JSON object, then the verdict of `Check` as the last line.
+    JsonCheck,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -153,6 +160,7 @@ pub fn parse_request(text: &[u8]) -> std::result::Result<Request, String> {
         ("status", None | Some("text")) => no_args(Request::Status(StatusFormat::Text)),
         ("status", Some("json")) => no_args(Request::Status(StatusFormat::Json)),
         ("status", Some("check")) => no_args(Request::Status(StatusFormat::Check)),
+        ("status", Some("json-check")) => no_args(Request::Status(StatusFormat::JsonCheck)),
         ("deploy" | "rollback" | "stop" | "status", Some(p)) => {
             Err(format!("'{verb}' does not take '{:.20}'", p))
         }
@@ -214,7 +222,7 @@ pub fn shell_words(argv: &[OsString]) -> String {
             if plain {
                 s.into_owned()
             } else {
-                format!("'{}'", crate::log::printable(&s.replace('\'', "'\\''")))
+                format!("'{}'", crate::log::printable(&s).replace('\'', "'\\''"))
             }
         })
         .collect::<Vec<_>>()
@@ -227,7 +235,7 @@ enum Phase {
     Reading,
     /// Request handed to the supervisor; waiting for its result.
     Waiting,
-    /// Result queued; close once it is written.
+    /// Result queued; close once it is written, or at the reply deadline.
     Closing,
 }
 
@@ -375,37 +383,45 @@ impl Control {
             || self.eviction_candidate().is_some_and(|(_, at)| at <= now)
     }
 
-    /// The longest-connected client still sending its request, and from
-    /// when it may be closed to make room.
+    /// The longest-connected client still sending its request or not
+    /// reading the rest of its reply, and from when it may be closed to
+    /// make room. (A waiting client is not one: it is owed a result.)
     fn eviction_candidate(&self) -> Option<(usize, Instant)> {
         self.clients
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.phase == Phase::Reading)
+            .filter(|(_, c)| c.phase != Phase::Waiting)
             .min_by_key(|(_, c)| c.id)
             .map(|(i, c)| (i, c.connected + EVICT_AFTER))
     }
 
-    /// Over the limit: close the oldest client without a request. What it
-    /// has sent is read first: a request that is complete is served, not
-    /// evicted (it arrived before we got to it). Logged with -v only: a
-    /// flood of connections must not flood the log.
+    /// Over the limit: close the oldest client without a request, or with
+    /// a reply it does not read. What a client still sending has sent is
+    /// read first: a request that is complete is served, not evicted (it
+    /// arrived before we got to it). Logged with -v only: a flood of
+    /// connections must not flood the log.
     fn evict(&mut self, now: Instant, out: &mut Vec<(ClientId, Request)>) {
         while self.clients.len() > MAX_CLIENTS {
             let Some((i, _)) = self.eviction_candidate().filter(|&(_, at)| at <= now) else {
                 return;
             };
-            if let Some(req) = self.read(i, false) {
-                out.push((self.clients[i].id, req));
-                continue;
-            }
-            if self.clients[i].phase != Phase::Reading {
-                // Gone, or refused by `read`: no longer a candidate.
-                self.clients
-                    .retain(|c| !(c.phase == Phase::Closing && c.output.is_empty()));
-                continue;
+            if self.clients[i].phase == Phase::Reading {
+                if let Some(req) = self.read(i, false) {
+                    out.push((self.clients[i].id, req));
+                    continue;
+                }
+                if self.clients[i].phase != Phase::Reading {
+                    // Gone, or refused by `read`: no longer a candidate.
+                    self.clients
+                        .retain(|c| !(c.phase == Phase::Closing && c.output.is_empty()));
+                    continue;
+                }
             }
             let c = self.clients.remove(i);
+            if c.phase == Phase::Closing {
+                debug!("control client closed to make room: it does not read its reply");
+                continue;
+            }
             debug!("control client closed to make room: {MAX_CLIENTS} connections");
             let msg = format!(
                 "error too many connections ({MAX_CLIENTS}); closed the oldest one without a request\n"
@@ -484,7 +500,13 @@ impl Control {
         let waiting = self.waiting_count();
         loop {
             let c = &mut self.clients[i];
-            match rustix::io::read(&c.fd, &mut buf) {
+            // A request being read never grows past MAX_REQUEST + 1
+            // bytes: enough to know it is too large.
+            let room = match c.phase {
+                Phase::Reading => (MAX_REQUEST + 1 - c.input.len()).min(buf.len()),
+                _ => buf.len(),
+            };
+            match rustix::io::read(&c.fd, &mut buf[..room]) {
                 Ok(0) if c.phase == Phase::Waiting && !hung_up && !c.read_shut => {
                     // The client is done sending, not reading: it gets its
                     // answer. It stops being watched for input.
@@ -514,7 +536,20 @@ impl Control {
                         self.finish_at(i, false, &e);
                         return None;
                     }
-                    if let Some(end) = find_end(&c.input) {
+                    let end = find_end(&c.input);
+                    // The request's size, its empty line included.
+                    let size = match end {
+                        Some(0) => 1,
+                        Some(e) => e + 2,
+                        None => c.input.len(),
+                    };
+                    if size > MAX_REQUEST {
+                        let e = format!("request larger than {MAX_REQUEST} bytes");
+                        warn!("control request refused: {e}");
+                        self.finish_at(i, false, &e);
+                        return None;
+                    }
+                    if let Some(end) = end {
                         let input = std::mem::take(&mut c.input);
                         c.deadline = None;
                         match parse_request(&input[..end]) {
@@ -546,12 +581,6 @@ impl Control {
                                 return None;
                             }
                         }
-                    }
-                    if c.input.len() > MAX_REQUEST {
-                        let e = format!("request larger than {MAX_REQUEST} bytes");
-                        warn!("control request refused: {e}");
-                        self.finish_at(i, false, &e);
-                        return None;
                     }
                 }
                 Err(Errno::INTR) => continue,
@@ -585,8 +614,17 @@ impl Control {
             self.paused_until = None;
         }
         for i in 0..self.clients.len() {
-            if self.clients[i].deadline.is_some_and(|d| d <= now) {
-                self.clients[i].deadline = None;
+            let c = &mut self.clients[i];
+            if c.deadline.is_none_or(|d| d > now) {
+                continue;
+            }
+            if c.phase == Phase::Closing {
+                debug!(
+                    "control client did not read its reply within {}s; closed",
+                    REPLY_TIMEOUT.as_secs()
+                );
+                c.output.clear();
+            } else {
                 debug!(
                     "control client sent no complete request within {}s",
                     REQUEST_TIMEOUT.as_secs()
@@ -596,6 +634,12 @@ impl Control {
         }
         self.clients
             .retain(|c| !(c.phase == Phase::Closing && c.output.is_empty()));
+        // A reply whose last line is queued (this turn) but not yet read.
+        for c in &mut self.clients {
+            if c.phase == Phase::Closing && c.deadline.is_none() {
+                c.deadline = Some(now + REPLY_TIMEOUT);
+            }
+        }
         self.room = self.has_room(now);
     }
 
@@ -752,8 +796,13 @@ mod tests {
     fn words() {
         assert_eq!(shell_words(&["node".into(), "a b".into()]), "node 'a b'");
         assert_eq!(
-            shell_words(&["it's".into(), "a\nb".into(), "\x1b[31mred\x7f".into()]),
-            r"'it'\''s' 'a\nb' '\u{1b}[31mred\u{7f}'"
+            shell_words(&[
+                "it's".into(),
+                "a\nb".into(),
+                "\x1b[31mred\x7f".into(),
+                r"a\b".into()
+            ]),
+            r"'it'\''s' 'a\nb' '\u{1b}[31mred\u{7f}' 'a\\b'"
         );
     }
 }

@@ -26,11 +26,12 @@ pub fn line(args: std::fmt::Arguments<'_>) {
 
 /// `s` with control characters (newline, escape, DEL, ...) written as
 /// Rust escapes (`\n`, `\u{1b}`): text a worker chose cannot move the
-/// cursor, recolour or hide parts of an operator's terminal.
+/// cursor, recolour or hide parts of an operator's terminal. A backslash
+/// is doubled, so that `\n` always means an escaped newline.
 pub fn printable(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        if c.is_control() {
+        if c.is_control() || c == '\\' {
             out.extend(c.escape_default());
         } else {
             out.push(c);

@@ -8,14 +8,20 @@ use std::time::{Duration, Instant};
 use crate::control::{StatusFormat, shell_words};
 use crate::supervisor::Supervisor;
 
-pub fn render(s: &Supervisor, format: StatusFormat, now: Instant) -> String {
+/// The body of a status reply (`data` lines; none for `check`).
+pub fn render(s: &Supervisor, format: StatusFormat, now: Instant) -> Option<String> {
     match format {
-        StatusFormat::Text => text(s, now),
-        StatusFormat::Json => json(s, now),
-        StatusFormat::Check => match s.active.filter(|_| s.serving()) {
-            Some(n) => format!("gen {n} is serving"),
-            None => "no ready generation is serving".into(),
-        },
+        StatusFormat::Text => Some(text(s, now)),
+        StatusFormat::Json | StatusFormat::JsonCheck => Some(json(s, now)),
+        StatusFormat::Check => None,
+    }
+}
+
+/// The one-line verdict of `--check`.
+pub fn verdict(s: &Supervisor) -> String {
+    match s.active.filter(|_| s.serving()) {
+        Some(n) => format!("gen {n} is serving"),
+        None => "no ready generation is serving".into(),
     }
 }
 

@@ -588,12 +588,6 @@ impl Supervisor {
             );
             return;
         }
-        if g.leaving {
-            // It already said it is going away: making it active would
-            // retire a generation that stays.
-            let exit = Exit::Code(1);
-            return self.fail_deploy(n, "sent STOPPING=1 before READY=1".into(), exit, now);
-        }
         g.state = State::Ready;
         g.ready_at = Some(now);
         g.deadline = None;
@@ -787,6 +781,7 @@ impl Supervisor {
 
     fn on_notify_event(&mut self, n: u64, e: Event, now: Instant) {
         let is_active = self.active == Some(n);
+        let stopping = self.stop.is_some();
         let Some(g) = self.gen_mut(n) else { return };
         match e {
             Event::Message(Message::Ready) => self.promote(n, now),
@@ -800,6 +795,12 @@ impl Supervisor {
                 }
                 g.leaving = true;
                 info!("{} is leaving on its own (STOPPING=1)", g.tag());
+                if g.state == State::Starting && !stopping {
+                    // Going before it ever served: the deploy has failed,
+                    // now rather than at the ready timeout.
+                    let why = "sent STOPPING=1 before READY=1".to_string();
+                    return self.fail_deploy(n, why, Exit::Code(1), now);
+                }
                 let young = g
                     .ready_at
                     .is_some_and(|t| now.saturating_duration_since(t) < BACKOFF_RESET);

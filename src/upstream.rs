@@ -26,6 +26,8 @@ pub struct Upstream {
     fd: std::os::fd::OwnedFd,
     addr: SocketAddrUnix,
     pending: RefCell<VecDeque<Vec<u8>>>,
+    /// A drop was warned about; quiet until the queue empties again.
+    dropping: std::cell::Cell<bool>,
 }
 
 impl Upstream {
@@ -59,27 +61,26 @@ impl Upstream {
             fd,
             addr,
             pending: RefCell::new(VecDeque::new()),
+            dropping: Default::default(),
         })
     }
 
     /// Send `msg`, or queue it behind those still waiting for room. A full
     /// queue makes room by dropping its oldest message that only says
-    /// STATUS= (a newer one follows); READY, RELOADING and STOPPING are
-    /// dropped only when nothing else can go, with a warning.
+    /// STATUS= (a newer one follows), or else its oldest message, with a
+    /// warning: the newest state (READY=1 after a RELOADING=1, STOPPING=1)
+    /// is the one the receiver must end up with.
     pub fn send(&self, msg: &str) {
         let mut pending = self.pending.borrow_mut();
         if pending.len() >= MAX_PENDING {
-            match pending.iter().position(|m| m.starts_with(b"STATUS=")) {
-                Some(i) => {
-                    pending.remove(i);
-                }
-                None => {
-                    crate::warn!(
-                        "our own NOTIFY_SOCKET reads nothing ({MAX_PENDING} messages waiting); dropped {}",
-                        first_line(msg.as_bytes())
-                    );
-                    return;
-                }
+            let status_only = pending.iter().position(|m| m.starts_with(b"STATUS="));
+            let dropped = pending.remove(status_only.unwrap_or(0));
+            if let (None, Some(old), false) = (status_only, dropped, self.dropping.get()) {
+                self.dropping.set(true);
+                crate::warn!(
+                    "our own NOTIFY_SOCKET reads nothing ({MAX_PENDING} messages waiting); dropping the oldest, from {}",
+                    first_line(&old)
+                );
             }
         }
         pending.push_back(msg.as_bytes().to_vec());
@@ -103,6 +104,7 @@ impl Upstream {
             }
             pending.pop_front();
         }
+        self.dropping.set(false);
     }
 
     /// One datagram. A receiver that went away (systemd re-executing, a
@@ -142,4 +144,51 @@ impl Upstream {
 fn first_line(msg: &[u8]) -> String {
     let line = msg.split(|&b| b == b'\n').next().unwrap_or_default();
     String::from_utf8_lossy(line).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A receiver that reads nothing for a while: whatever had to be
+    /// dropped meanwhile, the last message it reads is the newest one.
+    #[test]
+    fn a_full_queue_keeps_the_newest_state() {
+        let path = std::env::temp_dir().join(format!("cf-upstream-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let rx = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let addr = SocketAddrUnix::new(path.as_path()).unwrap();
+        let fd = net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )
+        .unwrap();
+        net::connect(&fd, &addr).unwrap();
+        let up = Upstream {
+            fd,
+            addr,
+            pending: RefCell::new(VecDeque::new()),
+            dropping: Default::default(),
+        };
+        // Far more than the receiver's queue and ours hold together.
+        for i in 0..1000 {
+            up.send(&format!("RELOADING=1\nX={i}"));
+            up.send(&format!("READY=1\nX={i}"));
+        }
+        assert_eq!(up.pending.borrow().len(), MAX_PENDING);
+        let mut last = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            match rx.recv(&mut buf) {
+                Ok(n) => last = buf[..n].to_vec(),
+                Err(_) if up.poll_fd().is_some() => up.flush(),
+                Err(_) => break,
+            }
+        }
+        assert_eq!(String::from_utf8_lossy(&last), "READY=1\nX=999");
+        std::fs::remove_file(&path).unwrap();
+    }
 }

@@ -25,7 +25,10 @@ use crate::common::{
     client_cmd_at, control, get, is_root, kill, mkfifo, release, run_client, skipped, start_record,
     stat_field, worker, write_file,
 };
-use crate::common::{notify_socket, send_dgram, wait_until};
+use crate::common::{fd_count, notify_socket, send_dgram, wait_until};
+
+/// Connections the supervisor serves at once (control::MAX_CLIENTS).
+const MAX_CLIENTS: usize = 128;
 
 // ---------------------------------------------------------------------------
 // Private helpers.
@@ -556,27 +559,33 @@ fn stopping_during_a_failed_deploy_still_gets_a_replacement() {
     assert_switched_to(&sup, addr, 3, &[1]);
 }
 
-/// A starting generation that says `STOPPING=1` and then `READY=1` is
-/// going away: it must not retire the one that serves. The deploy fails
-/// closed.
+/// A starting generation that says `STOPPING=1` is going away: the
+/// deploy fails closed at once (not at the ready timeout, an hour here),
+/// and a `READY=1` after it must not retire the one that serves.
 #[test]
 fn stopping_before_ready_fails_the_deploy_closed() {
     let dir = TempDir::new("ctl-stopready");
-    let (sup, addr, _) = start(&dir, &[], &[]);
-    let script = "import os, signal, socket\n\
-                  s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
-                  s.sendto(b'STOPPING=1', os.environ['NOTIFY_SOCKET'])\n\
-                  s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n\
-                  signal.pause()\n";
-    let out = cf(&dir, "deploy", &["--", "python3", "-c", script]);
-    assert_eq!(out.code(), 1, "{out:?}");
-    assert!(
-        out.stderr
-            .contains("deploy of gen 2 failed: sent STOPPING=1 before READY=1"),
-        "{out:?}"
-    );
-    sup.wait_gen(2, "exited");
-    assert_served_by(addr, 1);
+    let (sup, addr, _) = start(&dir, &["--ready-timeout", "1h"], &[]);
+    for (n, then_ready) in [(2, false), (3, true)] {
+        let script = format!(
+            "import os, signal, socket\n\
+             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+             s.sendto(b'STOPPING=1', os.environ['NOTIFY_SOCKET'])\n\
+             if {}: s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n\
+             signal.pause()\n",
+            if then_ready { "True" } else { "False" }
+        );
+        let out = cf(&dir, "deploy", &["--", "python3", "-c", &script]);
+        assert_eq!(out.code(), 1, "{out:?}");
+        assert!(
+            out.stderr.contains(&format!(
+                "deploy of gen {n} failed: sent STOPPING=1 before READY=1"
+            )),
+            "{out:?}"
+        );
+        sup.wait_gen(n, "exited");
+        assert_served_by(addr, 1);
+    }
     assert_eq!(sup.count("draining"), 0, "{:?}", sup.lines());
     assert_eq!(cf(&dir, "status", &["--check"]).code(), 0);
 }
@@ -639,17 +648,18 @@ fn status_table_shows_the_active_generation() {
     assert_eq!((cols[1], cols[2]), (pid2.to_string().as_str(), "active"));
     assert!(s.contains("deploys: 1 ok, 0 failed"), "{s}");
 
-    // A STATUS= with terminal controls reaches the table escaped.
+    // A STATUS= with terminal controls reaches the table escaped, and a
+    // backslash doubled (a real newline and a literal "\n" differ).
     send_dgram(
         &notify_socket(&sup.records, pid2),
-        b"STATUS=\x1b[31mred\rgone\x7f",
+        b"STATUS=\x1b[31mred\rgone\x7f C:\\new",
     );
     let mut s = String::new();
     wait_until("the STATUS= in the table", || {
         s = cf(&dir, "status", &[]).stdout;
         s.contains("red")
     });
-    assert!(s.contains(r"\u{1b}[31mred\rgone\u{7f}"), "{s:?}");
+    assert!(s.contains(r"\u{1b}[31mred\rgone\u{7f} C:\\new"), "{s:?}");
     assert!(!s.contains('\x1b') && !s.contains('\r'), "{s:?}");
 }
 
@@ -740,6 +750,10 @@ fn status_check_is_1_while_the_only_generation_is_starting() {
         .trim(),
         "starting False None 1"
     );
+    // --json --check: the object alone on stdout, the verdict in the code.
+    let out = cf(&dir, "status", &["--json", "--check"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert_json_object(&out.stdout, "\"state\":\"starting\"");
     let out = cf(&dir, "status", &[]);
     assert_eq!(out.code(), 0, "{out:?}");
     assert!(out.stdout.contains("starting"), "{out:?}");
@@ -787,6 +801,18 @@ fn status_check_follows_crash_and_backoff() {
     let out = cf(&dir, "status", &["--check"]);
     assert_eq!(out.code(), 0, "{out:?}");
     assert_served_by(addr, n);
+    let out = cf(&dir, "status", &["--json", "--check"]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_json_object(&out.stdout, &format!("\"serving\":true,\"active\":{n},"));
+}
+
+/// `status --json --check` output: one JSON object line, nothing else.
+fn assert_json_object(stdout: &str, needle: &str) {
+    assert!(
+        stdout.starts_with("{\"pid\":") && stdout.ends_with("}\n") && stdout.lines().count() == 1,
+        "one JSON object: {stdout:?}"
+    );
+    assert!(stdout.contains(needle), "{needle} in {stdout}");
 }
 
 // ---------------------------------------------------------------------------
@@ -1005,6 +1031,27 @@ fn bad_requests_get_an_error_line_and_change_nothing() {
         "request larger than 262144 bytes",
     );
 
+    // The bound is exact, the empty line included: 256 KiB is read and
+    // parsed (and refused for its arguments), one byte more is not.
+    let at_bound = |size: usize| {
+        let head = b"containerflip/1 status text\narg ";
+        let mut req = head.to_vec();
+        req.extend(std::iter::repeat_n(b'6', size - head.len() - 2));
+        req.extend_from_slice(b"\n\n");
+        assert_eq!(req.len(), size);
+        raw_exchange(&ctl, req)
+    };
+    assert_error(
+        "a request of 256 KiB",
+        &at_bound(256 * 1024),
+        "'status' takes no arguments",
+    );
+    assert_error(
+        "a request of 256 KiB + 1",
+        &at_bound(256 * 1024 + 1),
+        "request larger than 262144 bytes",
+    );
+
     // Random bytes: an error line, or closed, never a result.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let noise: Vec<u8> = (0..64 * 1024)
@@ -1158,6 +1205,56 @@ fn two_hundred_silent_clients_do_not_lock_out_status() {
     assert!(evicted >= 1, "no silent client was closed to make room");
     assert_eq!(evicted + timed_out, 200);
     assert_healthy(&dir, addr, 1);
+}
+
+/// Clients that ask for a reply larger than the socket buffer and never
+/// read it: at 128 of them `status` still gets in (the oldest one is
+/// closed to make room), and 30 s after their last line was queued the
+/// supervisor lets go of the rest and of their queued replies.
+#[test]
+fn clients_that_never_read_their_reply_do_not_lock_out_status() {
+    let dir = TempDir::new("ctl-unread");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    // A current command whose status --json is ~480 KB: each byte 0x01
+    // of its unused argument is six bytes of JSON (\u0001).
+    let argv: Vec<OsString> = ["sh", "-c", "exec \"$0\"", worker()]
+        .into_iter()
+        .map(OsString::from)
+        .chain([OsString::from("\x01".repeat(80_000))])
+        .collect();
+    let out = run_client(deploy_cmd(&dir, &argv));
+    assert_eq!(out.code(), 0, "{out:?}");
+    // Gen 1 gone (its pidfd and notify socket closed): a steady count.
+    sup.wait_gen(1, "exited");
+    let baseline = fd_count(sup.pid);
+    let ctl = control(&dir);
+    let unread: Vec<UnixStream> = (0..MAX_CLIENTS)
+        .map(|_| {
+            let s = UnixStream::connect(&ctl).expect("connect");
+            (&s).write_all(b"containerflip/1 status json\n\n").unwrap();
+            s
+        })
+        .collect();
+    wait_until("the supervisor holding every unread reply", || {
+        fd_count(sup.pid) >= baseline + MAX_CLIENTS
+    });
+    let out = cf(&dir, "status", &["--check"]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    wait_until("the unread replies let go", || {
+        fd_count(sup.pid) == baseline
+    });
+    // Each got the start of its reply, not the end of it.
+    for s in &unread {
+        let mut reply = Vec::new();
+        (&*s).read_to_end(&mut reply).unwrap();
+        assert!(reply.starts_with(b"data {\"pid\":"), "{:?}", &reply[..20]);
+        assert!(
+            !reply.ends_with(b"ok \n"),
+            "a whole reply of {} bytes",
+            reply.len()
+        );
+    }
+    assert_healthy(&dir, addr, 2);
 }
 
 // ---------------------------------------------------------------------------

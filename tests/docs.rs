@@ -645,8 +645,17 @@ fn version_is_the_crate_version() {
 
 #[test]
 fn usage_errors_are_one_line_and_exit_2() {
+    // Commands the control protocol cannot carry (4096 words, 256 KiB).
+    let words: Vec<&str> = ["deploy", "--", "true"]
+        .into_iter()
+        .chain(std::iter::repeat_n("x", 4096))
+        .collect();
+    let half = "x".repeat(100 * 1024);
+    let bytes = ["deploy", "--", "true", &half, &half];
     // (arguments, what the one line must name)
     for (args, names) in [
+        (&words[..], "the command has 4097 words"),
+        (&bytes[..], "the command is too long"),
         (&["run", "--frobnicate", "--", "true"][..], "--frobnicate"),
         (
             &["run", "--ready-timeout", "soon", "--", "true"],
@@ -666,7 +675,6 @@ fn usage_errors_are_one_line_and_exit_2() {
         ),
         (&["run", "--listen", "127.0.0.1:0"], "command"),
         (&["status", "--jsn"], "--jsn"),
-        (&["status", "--json", "--check"], "--json and --check"),
         (&["frobnicate"], "frobnicate"),
         (&["deploy", "--timeout"], "--timeout"),
         (

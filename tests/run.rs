@@ -649,12 +649,6 @@ fn ready_from_a_draining_generation_is_ignored() {
     sup.wait_gen(1, "exited with status 0");
 }
 
-fn fd_count(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 /// A `containerflip status` round trip: the supervisor's loop has turned
 /// at least once since the call, with everything that was readable then.
 fn round_trip(dir: &TempDir) {

@@ -33,14 +33,17 @@ impl Supervisor {
             }
             Request::Status(format) => {
                 let body = crate::status::render(self, format, now);
+                let verdict = crate::status::verdict(self);
                 let serving = self.serving();
                 if let Some(c) = self.control.as_mut() {
+                    if let Some(body) = &body {
+                        c.data(id, body);
+                    }
                     match format {
-                        control::StatusFormat::Check => c.finish(id, serving, &body),
-                        _ => {
-                            c.data(id, &body);
-                            c.finish(id, true, "");
+                        control::StatusFormat::Check | control::StatusFormat::JsonCheck => {
+                            c.finish(id, serving, &verdict)
                         }
+                        _ => c.finish(id, true, ""),
                     }
                 }
             }
