@@ -260,8 +260,22 @@ fn exchange_with(
         stream
             .set_read_timeout(until.map(|d| (d - now).max(Duration::from_millis(1))))
             .map_err(lost)?;
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
+        // A line cut short by a read timeout is continued, not dropped.
+        if line.ends_with(b"\n") {
+            line.clear();
+        }
+        // No reply line is longer than the supervisor queues for a client.
+        let room = control::MAX_OUTPUT.saturating_sub(line.len());
+        match std::io::Read::take(&mut reader, room as u64).read_until(b'\n', &mut line) {
+            Ok(_) if line.len() >= control::MAX_OUTPUT && !line.ends_with(b"\n") => {
+                return Err((
+                    1,
+                    format!(
+                        "the supervisor at {shown} sent a reply line longer than {} KiB",
+                        control::MAX_OUTPUT / 1024
+                    ),
+                ));
+            }
             Ok(0) if !replied => return Ok(unanswered()),
             Ok(0) if write_error.is_some() => {
                 return Err(lost(write_error.expect("checked")));

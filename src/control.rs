@@ -161,10 +161,14 @@ pub fn parse_request(text: &[u8]) -> std::result::Result<Request, String> {
         ("status", Some("json")) => no_args(Request::Status(StatusFormat::Json)),
         ("status", Some("check")) => no_args(Request::Status(StatusFormat::Check)),
         ("status", Some("json-check")) => no_args(Request::Status(StatusFormat::JsonCheck)),
-        ("deploy" | "rollback" | "stop" | "status", Some(p)) => {
-            Err(format!("'{verb}' does not take '{:.20}'", p))
-        }
-        _ => Err(format!("unknown request '{:.20}'", verb)),
+        ("deploy" | "rollback" | "stop" | "status", Some(p)) => Err(format!(
+            "'{verb}' does not take '{:.20}'",
+            crate::log::printable(p)
+        )),
+        _ => Err(format!(
+            "unknown request '{:.20}'",
+            crate::log::printable(verb)
+        )),
     }
 }
 
@@ -567,10 +571,12 @@ impl Control {
                             Ok(req) => {
                                 debug!(
                                     "control request: {}",
-                                    String::from_utf8_lossy(&input[..end])
-                                        .lines()
-                                        .next()
-                                        .unwrap_or("")
+                                    crate::log::printable(
+                                        String::from_utf8_lossy(&input[..end])
+                                            .lines()
+                                            .next()
+                                            .unwrap_or("")
+                                    )
                                 );
                                 c.phase = Phase::Waiting;
                                 return Some(req);

@@ -85,20 +85,23 @@ impl Addr {
     }
 }
 
+/// sd_listen_fds_with_names(3): names are 1 to 255 printable characters
+/// without ':' (the separator in `LISTEN_FDNAMES`).
+fn valid_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 255 && n.bytes().all(|b| b.is_ascii_graphic())
+}
+
 impl Spec {
     pub fn parse(s: &str) -> std::result::Result<Spec, String> {
         let (name, addr) = match s.split_once('=') {
             Some((n, a)) if !n.contains([':', '/', '[']) => (Some(n), a),
             _ => (None, s),
         };
-        if let Some(n) = name {
-            // sd_listen_fds_with_names(3): names are at most 255 printable
-            // characters without ':' (the separator in LISTEN_FDNAMES).
-            if n.is_empty() || n.len() > 255 || !n.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(format!(
-                    "bad name '{n}': use 1 to 255 printable characters without ':'"
-                ));
-            }
+        if let Some(n) = name.filter(|n| !valid_name(n)) {
+            return Err(format!(
+                "bad name '{}': use 1 to 255 printable characters without ':'",
+                crate::log::printable(n)
+            ));
         }
         let addr = if let Some(path) = addr.strip_prefix("unix:") {
             if path.is_empty() {
@@ -229,8 +232,27 @@ impl Inherited {
                 format!("more than the {MAX_INHERITED} inherited sockets supported"),
             ));
         }
-        let names = std::env::var("LISTEN_FDNAMES")
-            .map(|n| n.split(':').map(str::to_string).collect())
+        // A name systemd would not give (a newline, an escape) is not
+        // passed on to workers, nor printed: `unknown` instead.
+        let names = std::env::var_os("LISTEN_FDNAMES")
+            .map(|n| {
+                let n = n.to_string_lossy();
+                n.split(':')
+                    .take(count as usize)
+                    .enumerate()
+                    .map(|(i, n)| {
+                        if n.is_empty() || valid_name(n) {
+                            return n.to_string();
+                        }
+                        crate::warn!(
+                            "LISTEN_FDNAMES: name {} of fd {} is not 1 to 255 printable characters; using 'unknown'",
+                            i + 1,
+                            FIRST_FD + i as RawFd
+                        );
+                        String::new()
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         Ok(Inherited { count, names })
     }

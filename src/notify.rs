@@ -66,7 +66,7 @@ pub enum Event {
     IdleClosed(usize),
 }
 
-/// Parse one datagram or one stream line batch. A chunk with NUL bytes or
+/// Parse one datagram or one stream line. A chunk with NUL bytes or
 /// invalid UTF-8 is dropped whole; a line without `=` is dropped alone.
 /// However many lines a chunk holds, it yields at most one
 /// [`Event::Malformed`] and [`MAX_IGNORED`] ignored keys: a flood costs
@@ -379,9 +379,13 @@ impl NotifySocket {
                     s.buf.extend_from_slice(&chunk[..n]);
                     // Act on complete lines now: a sender that writes
                     // READY=1 and keeps the connection open is still heard.
+                    // Each line on its own, so that what is dropped with a
+                    // bad line never depends on how the reads fell.
                     if let Some(end) = s.buf.iter().rposition(|&b| b == b'\n') {
                         let lines: Vec<u8> = s.buf.drain(..=end).collect();
-                        parse(&lines, out);
+                        for line in lines.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                            parse(line, out);
+                        }
                     }
                 }
                 Err(Errno::INTR) => continue,

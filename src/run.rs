@@ -15,7 +15,8 @@ use crate::{debug, info, log, sys, warn};
 /// Run the supervisor; returns the process exit status.
 pub fn run(cfg: RunConfig) -> i32 {
     log::set_level(cfg.verbosity);
-    if cfg.listen.is_empty() && Inherited::from_env().is_ok_and(|i| i.count == 0) {
+    let inherited = Inherited::from_env();
+    if cfg.listen.is_empty() && inherited.as_ref().is_ok_and(|i| i.count == 0) {
         // SPEC §2: a usage error, though only the environment tells.
         log::line(format_args!(
             "{}",
@@ -27,7 +28,7 @@ pub fn run(cfg: RunConfig) -> i32 {
         return 2;
     }
     let pidfile = cfg.pidfile.clone();
-    match start(cfg) {
+    match inherited.and_then(|i| start(cfg, i)) {
         Ok(parts) => {
             let code = Supervisor::new(parts).run();
             if let Some(p) = pidfile {
@@ -42,7 +43,7 @@ pub fn run(cfg: RunConfig) -> i32 {
     }
 }
 
-fn start(mut cfg: RunConfig) -> Result<Parts, Error> {
+fn start(mut cfg: RunConfig, inherited: Inherited) -> Result<Parts, Error> {
     // Descriptors our parent leaked to us must not reach workers.
     sys::cloexec_from(listen::FIRST_FD);
     // pidfd_open arrived in Linux 5.3: say so instead of failing later.
@@ -52,7 +53,6 @@ fn start(mut cfg: RunConfig) -> Result<Parts, Error> {
     )
     .map_err(|e| Error::os("use pidfd_open (containerflip needs Linux 5.3 or later)", e))?;
 
-    let inherited = Inherited::from_env()?;
     let specs = if cfg.listen.is_empty() {
         inherited.specs()
     } else {

@@ -103,8 +103,8 @@ pub fn parse(s: &str) -> Option<i32> {
     };
     let n = match rest {
         "" => base,
-        r if base == libc::SIGRTMIN() => base + offset(r, '+')?,
-        r => base - offset(r, '-')?,
+        r if base == libc::SIGRTMIN() => base.checked_add(offset(r, '+')?)?,
+        r => base.checked_sub(offset(r, '-')?)?,
     };
     (libc::SIGRTMIN()..=libc::SIGRTMAX())
         .contains(&n)
@@ -165,6 +165,8 @@ mod tests {
         assert_eq!(super::parse("RTMAX-2"), Some(max - 2));
         assert_eq!(super::parse("RTMAX"), Some(max));
         assert_eq!(super::parse("RTMIN+99"), None);
+        assert_eq!(super::parse("RTMIN+2147483647"), None);
+        assert_eq!(super::parse("RTMAX-2147483647"), None);
         assert_eq!(super::parse("RTMIN-1"), None);
         assert_eq!(super::parse("RTMAX+1"), None);
         assert_eq!(super::parse("RTMIN++1"), None);

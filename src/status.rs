@@ -67,7 +67,9 @@ fn text(s: &Supervisor, now: Instant) -> String {
     }
     let _ = writeln!(o, "listeners:");
     for (i, l) in s.listeners.iter().enumerate() {
-        let _ = writeln!(o, "  fd {:<3} {:<10} {}", 3 + i, l.name, l.display);
+        // The display holds a unix path, which may be anything.
+        let display = crate::log::printable(&l.display);
+        let _ = writeln!(o, "  fd {:<3} {:<10} {display}", 3 + i, l.name);
     }
     let _ = writeln!(o, "generations:");
     let _ = writeln!(

@@ -930,6 +930,18 @@ fn bad_requests_get_an_error_line_and_change_nothing() {
             b"containerflip/1 status xml\n\n".to_vec(),
             "does not take",
         ),
+        // Terminal controls in the echoed word arrive (and are logged)
+        // escaped.
+        (
+            "an unknown verb with an escape",
+            b"containerflip/1 \x1b[2Jboom\n\n".to_vec(),
+            r"unknown request '\u{1b}[2Jboom'",
+        ),
+        (
+            "a status format with an escape",
+            b"containerflip/1 status \x1b]0;x\x07\n\n".to_vec(),
+            r"does not take '\u{1b}]0;x\u{7}'",
+        ),
         (
             "too many words",
             b"containerflip/1 status json please\n\n".to_vec(),
@@ -1566,6 +1578,36 @@ fn a_stuck_listener_with_a_full_backlog_hangs_neither_run_nor_deploy() {
         "{out:?}"
     );
     drop(stuck);
+}
+
+/// Something at the control path that answers with an endless line: the
+/// client stops at the longest line a supervisor could send (1 MiB)
+/// instead of growing without end.
+#[test]
+fn an_endless_reply_line_is_bounded() {
+    let dir = TempDir::new("ctl-endless");
+    let ctl = control(&dir);
+    let l = UnixListener::bind(&ctl).unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        // 4 MiB, or until the client hangs up.
+        for _ in 0..64 {
+            if s.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let out = cf(&dir, "status", &[]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert_eq!(
+        out.stderr,
+        format!(
+            "containerflip: the supervisor at {} sent a reply line longer than 1024 KiB\n",
+            ctl.display()
+        )
+    );
+    server.join().unwrap();
 }
 
 // ---------------------------------------------------------------------------

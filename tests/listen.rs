@@ -181,6 +181,59 @@ fn inherited_fd_is_adopted_and_served() {
     drop(listener);
 }
 
+/// Socket activation whose LISTEN_FDNAMES holds a name systemd would
+/// never give (a newline, a terminal escape): one warning, and the worker
+/// and `status` see `unknown` instead of it.
+#[test]
+fn an_unprintable_inherited_name_becomes_unknown() {
+    let dir = TempDir::new("badname");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let raw = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "export LISTEN_PID=$$ LISTEN_FDS=1; exec \"$0\" run -- \"$1\"",
+        bin(),
+        worker(),
+    ])
+    .env("LISTEN_FDNAMES", "x\ny\x1b[2J")
+    .env("CONTAINERFLIP_CONTROL", dir.join("control.sock"));
+    // SAFETY: only dup2(2)/fcntl(2) on integers between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = match raw {
+                3 => libc::fcntl(3, libc::F_SETFD, 0),
+                _ => libc::dup2(raw, 3),
+            };
+            match r {
+                -1 => Err(std::io::Error::last_os_error()),
+                _ => Ok(()),
+            }
+        });
+    }
+    let sup = Supervisor::spawn(cmd, &dir, &[]);
+    let pid = sup.wait_ready(1);
+    assert_eq!(served_gen(addr), 1);
+    assert_eq!(
+        start_record(&sup.records, pid).must("env.LISTEN_FDNAMES"),
+        "unknown"
+    );
+    assert_eq!(
+        sup.count(
+            "LISTEN_FDNAMES: name 1 of fd 3 is not 1 to 255 printable characters; using 'unknown'"
+        ),
+        1,
+        "{:?}",
+        sup.lines()
+    );
+    let out = run_client(client_cmd(&dir, "status", &[]));
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(out.stdout.contains(" unknown "), "{}", out.stdout);
+    assert!(!out.stdout.contains('\x1b'), "{:?}", out.stdout);
+    drop(listener);
+}
+
 /// A LISTEN_FDS addressed to the supervisor that no process could hold is
 /// one clear fatal line (exit 1), not an attempt to walk the fd space.
 #[test]

@@ -765,6 +765,27 @@ fn stream_ready_without_newline_counts_when_closed_for_silence() {
     drop(held);
 }
 
+/// On a stream, a bad line drops that line alone, however the writes
+/// fell: `READY=1` written together with a NUL line still counts.
+#[test]
+fn stream_bad_line_drops_only_itself() {
+    let dir = TempDir::new("streambadline");
+    let sup = Supervisor::start(
+        &dir,
+        &worker_args(&["--notify-mode", "stream"]),
+        &[("WORKER_NO_READY", "1")],
+    );
+    let (p1, _) = sup.wait_gen(1, "spawned");
+    let sock = start_record(&sup.records, p1)
+        .must("env.NOTIFY_SOCKET")
+        .to_string();
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(b"STATUS=one\n\0bad\nREADY=1\n").unwrap();
+    drop(s);
+    assert_eq!(sup.wait_ready(1), p1);
+    assert_eq!(sup.count("contains a NUL byte"), 1, "{:?}", sup.lines());
+}
+
 // ---------------------------------------------------------------------------
 // 3. Deploys and drains.
 
