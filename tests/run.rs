@@ -713,7 +713,8 @@ fn notify_stream_abuse_changes_nothing() {
     let got = std::io::Read::read(&mut silent, &mut buf);
     assert!(
         matches!(got, Ok(0)),
-        "a silent notify connection was not closed (EOF): {got:?}"
+        "a silent notify connection was not closed (EOF): {got:?}; log: {:?}",
+        sup.lines()
     );
     // What it sent without a final newline counts, as it would at EOF.
     sup.wait_line(&format!("gen 1 pid {p1} STATUS=never closed"));
