@@ -65,8 +65,39 @@ impl RunDir {
         ))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The path for a new socket `name`, ready to bind. Workers inherit
+    /// `RUNTIME_DIRECTORY` and run as our user, so one may have removed
+    /// the directory, or left something at a name not yet used: the
+    /// directory is made again (0700) and what sits at the name removed,
+    /// rather than every later deploy failing.
+    pub fn socket_path(&self, name: &str) -> PathBuf {
+        if !self.path.is_dir() {
+            match std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.path)
+            {
+                Ok(()) => crate::warn!(
+                    "runtime directory {} was removed (by a worker?); created it again",
+                    self.path.display()
+                ),
+                // Binding then fails, naming the path and the error.
+                Err(e) => crate::warn!(
+                    "runtime directory {} was removed and cannot be created again: {}",
+                    self.path.display(),
+                    crate::error::os_message(&e)
+                ),
+            }
+        }
+        let path = self.path.join(name);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            let _ = std::fs::remove_file(&path).or_else(|_| std::fs::remove_dir(&path));
+            crate::warn!(
+                "removed {} before binding it: left there by a worker?",
+                path.display()
+            );
+        }
+        path
     }
 }
 

@@ -426,11 +426,18 @@ impl Supervisor {
                 info!("{} will replace {leaving}, which is leaving", self.tag(d.n));
                 return;
             }
-            info!(
+            // Logged once per queued deploy: a storm of SIGHUPs (which
+            // any worker can send) is one line, not one per signal.
+            let line = format!(
                 "deploy requested ({}); queued behind gen {}",
                 origin.name(),
                 d.n
             );
+            if self.queued.is_none() {
+                info!("{line}");
+            } else {
+                debug!("{line} (collapsed into the one already queued)");
+            }
             let q = self.queued.get_or_insert(Queued {
                 target: Target::Current,
                 origin,
@@ -496,7 +503,7 @@ impl Supervisor {
         if let Some(u) = self.upstream_booted() {
             u.reloading();
         }
-        let notify_path = self.rundir.path().join(format!("notify.{n}"));
+        let notify_path = self.rundir.socket_path(&format!("notify.{n}"));
         let notify = match NotifySocket::bind(&notify_path, self.cfg.notify_mode) {
             Ok(s) => s,
             Err(e) => {
@@ -782,6 +789,8 @@ impl Supervisor {
     fn on_notify_event(&mut self, n: u64, e: Event, now: Instant) {
         let is_active = self.active == Some(n);
         let stopping = self.stop.is_some();
+        // A stop's deadline is the last word: no extension goes past it.
+        let stop_deadline = self.stop.as_ref().map(|s| s.deadline);
         let Some(g) = self.gen_mut(n) else { return };
         match e {
             Event::Message(Message::Ready) => self.promote(n, now),
@@ -829,7 +838,8 @@ impl Supervisor {
                     && g.running()
                     && g.deadline.is_some()
                 {
-                    g.deadline = Some(now + Duration::from_micros(usec));
+                    let asked = now + Duration::from_micros(usec);
+                    g.deadline = Some(stop_deadline.map_or(asked, |d| asked.min(d)));
                     g.extended = true;
                     if g.may_log_notify() {
                         info!(

@@ -590,6 +590,34 @@ fn stopping_before_ready_fails_the_deploy_closed() {
     assert_eq!(cf(&dir, "status", &["--check"]).code(), 0);
 }
 
+/// Workers run as our user and inherit RUNTIME_DIRECTORY: one that
+/// removes the runtime directory, or leaves something at the next notify
+/// socket's name, fails its own deploy, not every later one.
+#[test]
+fn a_worker_that_wrecks_the_runtime_directory_breaks_only_its_deploy() {
+    let dir = TempDir::new("ctl-rundir");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    for (wreck, warning) in [
+        (
+            r#"rm -rf "${NOTIFY_SOCKET%/*}""#,
+            "was removed (by a worker?); created it again",
+        ),
+        (
+            r#"mkdir "${NOTIFY_SOCKET%.*}.$((${NOTIFY_SOCKET##*.} + 1))""#,
+            "before binding it: left there by a worker?",
+        ),
+    ] {
+        let script = format!("{wreck}; exit 1");
+        let out = cf(&dir, "deploy", &["--", "sh", "-c", &script]);
+        assert_eq!(out.code(), 1, "{out:?}");
+        let out = cf(&dir, "deploy", &[]);
+        assert_eq!(out.code(), 0, "{out:?}");
+        assert_eq!(sup.count(warning), 1, "{:?}", sup.lines());
+        let (n, _) = deployed(out.last());
+        assert_served_by(addr, n);
+    }
+}
+
 #[test]
 fn rollback_without_a_previous_command_fails_clearly() {
     let dir = TempDir::new("ctl-norollback");

@@ -188,6 +188,41 @@ fn a_missed_extended_deadline_says_so() {
     assert_eq!(sup.wait_exit().code(), Some(1));
 }
 
+/// A stop waits up to --drain-timeout, whatever EXTEND_TIMEOUT_USEC a
+/// draining worker sent: before the stop (gen 1, retired by a deploy) or
+/// during it (gen 2). Both ignore SIGTERM and are SIGKILLed at the stop's
+/// deadline rather than a century later.
+#[test]
+fn extend_timeout_cannot_outlast_a_stop() {
+    const FOREVER: &[u8] = b"EXTEND_TIMEOUT_USEC=18446744073709551615";
+    let dir = TempDir::new("extend-stop");
+    let mut sup = Supervisor::start(
+        &dir,
+        &worker_args(&["--drain-timeout", "2s"]),
+        &[("WORKER_IGNORE_TERM", "1")],
+    );
+    let p1 = sup.wait_ready(1);
+    sup.signal(libc::SIGHUP);
+    let p2 = sup.wait_ready(2);
+    sup.wait_line(&format!("gen 1 pid {p1} draining"));
+    send_dgram(&notify_socket(&sup.records, p1), FOREVER);
+    sup.wait_line(&format!("gen 1 pid {p1} extended its draining deadline"));
+
+    sup.signal(libc::SIGTERM);
+    sup.wait_line(&format!("gen 2 pid {p2} draining"));
+    send_dgram(&notify_socket(&sup.records, p2), FOREVER);
+    let status = sup.wait_exit();
+    assert_eq!(status.code(), Some(137), "{:?}", sup.lines());
+    for (n, pid) in [(1, p1), (2, p2)] {
+        assert_eq!(
+            sup.count(&format!("gen {n} pid {pid} killed at drain deadline")),
+            1,
+            "{:?}",
+            sup.lines()
+        );
+    }
+}
+
 /// Text a worker chose reaches the log with its control characters
 /// escaped: a CR or an escape sequence cannot forge a line or clear the
 /// operator's screen.

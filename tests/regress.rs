@@ -251,7 +251,8 @@ fn stop_kills_a_daemon_reparented_after_the_stop_began() {
 #[test]
 fn sighup_behind_a_queued_deploy_keeps_its_new_command() {
     let dir = TempDir::new("rg-queuecmd");
-    let (sup, env_file, fifo) = start_held(&dir, &[], &[]);
+    // -v: a request that joins the queued deploy is logged only with it.
+    let (sup, env_file, fifo) = start_held(&dir, &["-v"], &[]);
     let addr = sup.listen_addr();
     sup.wait_ready(1);
 

@@ -1316,7 +1316,8 @@ fn sigkill_of_the_active_worker_under_load_refuses_nothing() {
 #[test]
 fn ten_sighups_at_once_collapse_into_at_most_two_deploys() {
     let dir = TempDir::new("tenhup");
-    let (mut sup, env_file, fifo) = start_held(&dir, &[], &[]);
+    // -v: requests that join the queued deploy are logged only with it.
+    let (mut sup, env_file, fifo) = start_held(&dir, &["-v"], &[]);
     sup.wait_ready(1);
     // Gen 2 will wait on the FIFO, so all ten arrive while it starts.
     write_file(&env_file, &format!("HOLD={}\n", fifo.display()));
@@ -1346,6 +1347,21 @@ fn ten_sighups_at_once_collapse_into_at_most_two_deploys() {
         sup.count("deploy requested (SIGHUP); queued behind gen 2") > queued,
         "the second burst was not queued:\n{}",
         sup.lines().join("\n")
+    );
+    // Without -v a burst is one line: the first to queue; the others say
+    // they collapsed into it (debug lines).
+    let queued_lines = sup.lines();
+    let queued_lines: Vec<_> = queued_lines
+        .iter()
+        .filter(|l| l.contains("queued behind gen 2"))
+        .collect();
+    assert_eq!(
+        queued_lines
+            .iter()
+            .filter(|l| !l.ends_with("(collapsed into the one already queued)"))
+            .count(),
+        1,
+        "{queued_lines:?}"
     );
     write_file(&env_file, "");
     release(&fifo);

@@ -91,6 +91,11 @@ impl Supervisor {
         self.conclude(waiters, false, "the supervisor is stopping");
         let (sig, drain) = (self.cfg.stop_signal, self.cfg.drain_timeout);
         for g in &mut self.gens {
+            // One already draining keeps its deadline, unless an
+            // EXTEND_TIMEOUT_USEC put it past this stop's.
+            if g.state == State::Draining {
+                g.deadline = g.deadline.map(|d| d.min(now + drain));
+            }
             if matches!(g.state, State::Starting | State::Ready) && (g.running() || g.group_alive())
             {
                 g.ask_to_stop(sig);
