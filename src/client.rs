@@ -58,12 +58,14 @@ pub fn status(control: Option<PathBuf>, json: bool, check: bool) -> i32 {
         (false, false) => "text",
     };
     let req = control::encode_request("status", Some(param), None);
+    let mut data = false;
     let result = exchange(
         control,
         &req,
         Some(Duration::from_secs(30)),
         &mut |kind, text| {
             if kind == "data" {
+                data = true;
                 crate::log::out(text);
             }
         },
@@ -71,10 +73,13 @@ pub fn status(control: Option<PathBuf>, json: bool, check: bool) -> i32 {
     if !check {
         return finish(result);
     }
-    // A health check: the verdict whichever way it goes, on stdout (after
-    // the JSON object, only in the exit status).
-    if let (false, Ok(Outcome::Ok(text) | Outcome::Failed(text))) = (json, &result) {
-        crate::log::out(text);
+    // A health check: the verdict whichever way it goes, on stdout; after
+    // the JSON object, only in the exit status. An error that came instead
+    // of the object (a supervisor too old for json-check) is an error.
+    match (json, data, &result) {
+        (false, _, Ok(Outcome::Ok(text) | Outcome::Failed(text))) => crate::log::out(text),
+        (true, false, Ok(Outcome::Failed(_))) => return finish(result),
+        _ => {}
     }
     match result {
         Ok(Outcome::Ok(_)) => 0,

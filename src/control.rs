@@ -42,8 +42,8 @@ pub const MAX_REQUEST: usize = 256 * 1024;
 pub const MAX_ARGS: usize = 4096;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_OUTPUT: usize = 1024 * 1024;
-/// How long a client has to read the rest of its reply once the last line
-/// is queued; then it is closed (and its queued reply freed).
+/// Once its last line is queued, how long a client may take none of the
+/// rest of its reply; then it is closed (and the queued reply freed).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once. One more makes room by closing the oldest
 /// client that has been connected for [`EVICT_AFTER`] without sending a
@@ -51,8 +51,9 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// lock out `status` for long; with none of those, more wait in the
 /// backlog.
 pub const MAX_CLIENTS: usize = 128;
-/// How long a client may send or read nothing before it may be closed to
-/// make room (a real client sends its request at once and reads).
+/// How long a client may send nothing, or take none of its reply, before
+/// it may be closed to make room (a real client sends its request at
+/// once and reads).
 pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 /// Clients waiting on a deploy, rollback or stop at once; more are
 /// answered with an error, so that `status` always finds a slot.
@@ -161,15 +162,16 @@ pub fn parse_request(text: &[u8]) -> std::result::Result<Request, String> {
         ("status", Some("json")) => no_args(Request::Status(StatusFormat::Json)),
         ("status", Some("check")) => no_args(Request::Status(StatusFormat::Check)),
         ("status", Some("json-check")) => no_args(Request::Status(StatusFormat::JsonCheck)),
-        ("deploy" | "rollback" | "stop" | "status", Some(p)) => Err(format!(
-            "'{verb}' does not take '{:.20}'",
-            crate::log::printable(p)
-        )),
-        _ => Err(format!(
-            "unknown request '{:.20}'",
-            crate::log::printable(verb)
-        )),
+        ("deploy" | "rollback" | "stop" | "status", Some(p)) => {
+            Err(format!("'{verb}' does not take '{}'", shown_word(p)))
+        }
+        _ => Err(format!("unknown request '{}'", shown_word(verb))),
     }
+}
+
+/// A client's word in an error line: its first 20 characters, escaped.
+fn shown_word(w: &str) -> String {
+    crate::log::printable(&w.chars().take(20).collect::<String>())
 }
 
 fn check_protocol(proto: &[u8]) -> std::result::Result<(), String> {
@@ -251,6 +253,11 @@ struct Client {
     phase: Phase,
     deadline: Option<Instant>,
     connected: Instant,
+    /// When the client last took some of its reply (see `wrote`).
+    last_read: Instant,
+    /// Some reply was written since the last `expire`, which turns it
+    /// into `last_read` (flush has no clock).
+    wrote: bool,
     /// The client shut down its sending side after its request (`nc -N`,
     /// socat): it still reads the answer.
     read_shut: bool,
@@ -387,16 +394,21 @@ impl Control {
             || self.eviction_candidate().is_some_and(|(_, at)| at <= now)
     }
 
-    /// The longest-connected client still sending its request or not
-    /// reading the rest of its reply, and from when it may be closed to
-    /// make room. (A waiting client is not one: it is owed a result.)
+    /// The client to close to make room, and from when it may be: the
+    /// longest-connected one still sending its request, or else the one
+    /// that has taken nothing of its reply for longest (a slow reader is
+    /// not idle). A waiting client is never one: it is owed a result.
     fn eviction_candidate(&self) -> Option<(usize, Instant)> {
+        let idle_since = |c: &Client| match c.phase {
+            Phase::Reading => c.connected,
+            _ => c.last_read,
+        };
         self.clients
             .iter()
             .enumerate()
             .filter(|(_, c)| c.phase != Phase::Waiting)
-            .min_by_key(|(_, c)| c.id)
-            .map(|(i, c)| (i, c.connected + EVICT_AFTER))
+            .min_by_key(|(_, c)| (c.phase != Phase::Reading, idle_since(c), c.id))
+            .map(|(i, c)| (i, idle_since(c) + EVICT_AFTER))
     }
 
     /// Over the limit: close the oldest client without a request, or with
@@ -490,6 +502,8 @@ impl Control {
                 phase: Phase::Reading,
                 deadline: Some(now + REQUEST_TIMEOUT),
                 connected: now,
+                last_read: now,
+                wrote: false,
                 read_shut: false,
             });
             self.evict(now, out);
@@ -614,7 +628,10 @@ impl Control {
             .count()
     }
 
-    /// Close clients whose request did not arrive in time.
+    /// Run every turn of the event loop: answer clients whose request did
+    /// not arrive in time, close those that took none of their reply for
+    /// [`REPLY_TIMEOUT`] (and arm that deadline), and note whether there
+    /// is room for another connection.
     pub fn expire(&mut self, now: Instant) {
         if self.paused_until.is_some_and(|t| t <= now) {
             self.paused_until = None;
@@ -640,9 +657,14 @@ impl Control {
         }
         self.clients
             .retain(|c| !(c.phase == Phase::Closing && c.output.is_empty()));
-        // A reply whose last line is queued (this turn) but not yet read.
+        // A reply whose last line is queued but not yet all read: closed
+        // if the client takes none of it for REPLY_TIMEOUT.
         for c in &mut self.clients {
-            if c.phase == Phase::Closing && c.deadline.is_none() {
+            let wrote = std::mem::take(&mut c.wrote);
+            if wrote {
+                c.last_read = now;
+            }
+            if c.phase == Phase::Closing && (wrote || c.deadline.is_none()) {
                 c.deadline = Some(now + REPLY_TIMEOUT);
             }
         }
@@ -704,6 +726,7 @@ impl Control {
             match net::send(&c.fd, &c.output, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
                 Ok(n) => {
                     c.output.drain(..n);
+                    c.wrote = true;
                 }
                 Err(Errno::INTR) => continue,
                 Err(Errno::AGAIN) => return,

@@ -85,10 +85,11 @@ impl Addr {
     }
 }
 
-/// sd_listen_fds_with_names(3): names are 1 to 255 printable characters
-/// without ':' (the separator in `LISTEN_FDNAMES`).
+/// sd_listen_fds_with_names(3): names are 1 to 255 printable ASCII
+/// characters (space included) without ':' (the separator in
+/// `LISTEN_FDNAMES`), as systemd's fdname_is_valid checks.
 fn valid_name(n: &str) -> bool {
-    !n.is_empty() && n.len() <= 255 && n.bytes().all(|b| b.is_ascii_graphic())
+    !n.is_empty() && n.len() <= 255 && n.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b':')
 }
 
 impl Spec {

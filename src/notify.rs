@@ -68,9 +68,10 @@ pub enum Event {
 
 /// Parse one datagram or one stream line. A chunk with NUL bytes or
 /// invalid UTF-8 is dropped whole; a line without `=` is dropped alone.
-/// However many lines a chunk holds, it yields at most one
-/// [`Event::Malformed`] and [`MAX_IGNORED`] ignored keys: a flood costs
-/// the supervisor CPU, never memory.
+/// However many lines a datagram holds, it yields at most one
+/// [`Event::Malformed`] and [`MAX_IGNORED`] ignored keys; a stream
+/// connection is bounded by its 4096 bytes. A flood costs the supervisor
+/// CPU, never memory.
 pub fn parse(chunk: &[u8], out: &mut Vec<Event>) {
     if chunk.contains(&0) {
         out.push(Event::Malformed("message contains a NUL byte".into()));

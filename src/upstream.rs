@@ -7,6 +7,8 @@
 //! in ours, in order, and goes out when the event loop sees it writable:
 //! nothing is dropped for a busy systemd (a lost READY=1 would get the
 //! service killed at its start timeout) and the loop never blocks on it.
+//! Only a receiver that reads nothing while 64 messages pile up loses
+//! some, the oldest first (see `send`).
 //! A message the socket refuses outright is a warning, never fatal; a
 //! receiver that went away and came back at the same address (or was not
 //! there yet at start) is connected to again at the next message.

@@ -1264,8 +1264,10 @@ fn clients_that_never_read_their_reply_do_not_lock_out_status() {
         .collect();
     let out = run_client(deploy_cmd(&dir, &argv));
     assert_eq!(out.code(), 0, "{out:?}");
-    // Gen 1 gone (its pidfd and notify socket closed): a steady count.
+    // Gen 1 gone and swept (a status round trip is a later turn of the
+    // loop): a steady count.
     sup.wait_gen(1, "exited");
+    assert_eq!(cf(&dir, "status", &["--check"]).code(), 0);
     let baseline = fd_count(sup.pid);
     let ctl = control(&dir);
     let unread: Vec<UnixStream> = (0..MAX_CLIENTS)
@@ -1280,8 +1282,14 @@ fn clients_that_never_read_their_reply_do_not_lock_out_status() {
     });
     let out = cf(&dir, "status", &["--check"]);
     assert_eq!(out.code(), 0, "{out:?}");
+    // One was closed to let status in; the rest are still held (for the
+    // 30 s of REPLY_TIMEOUT), so status did not just wait them all out.
+    assert!(
+        fd_count(sup.pid) >= baseline + MAX_CLIENTS - 1,
+        "status got in only when every unread reply was let go"
+    );
     wait_until("the unread replies let go", || {
-        fd_count(sup.pid) == baseline
+        fd_count(sup.pid) <= baseline
     });
     // Each got the start of its reply, not the end of it.
     for s in &unread {
@@ -1634,6 +1642,29 @@ fn an_endless_reply_line_is_bounded() {
             "containerflip: the supervisor at {} sent a reply line longer than 1024 KiB\n",
             ctl.display()
         )
+    );
+    server.join().unwrap();
+}
+
+/// `status --json --check` against a supervisor that answers with an
+/// error instead of the object (one too old for json-check): the error
+/// is shown, not swallowed into a bare exit 1.
+#[test]
+fn status_json_check_shows_an_error_reply() {
+    let dir = TempDir::new("ctl-jcerr");
+    let ctl = control(&dir);
+    let l = UnixListener::bind(&ctl).unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(b"error 'status' does not take 'json-check'\n")
+            .unwrap();
+    });
+    let out = cf(&dir, "status", &["--json", "--check"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert_eq!(out.stdout, "");
+    assert_eq!(
+        out.stderr,
+        "containerflip: 'status' does not take 'json-check'\n"
     );
     server.join().unwrap();
 }

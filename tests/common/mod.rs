@@ -67,8 +67,6 @@ pub fn worker() -> &'static str {
     PATH.get().expect("worker built")
 }
 
-/// Polls `cond` until it holds, panicking with `what` after `DEADLINE`.
-/// For conditions no event announces (a file appearing, a pid vanishing).
 /// How many fds process `pid` has open (0 once it is gone).
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -76,6 +74,8 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// Polls `cond` until it holds, panicking with `what` after `DEADLINE`.
+/// For conditions no event announces (a file appearing, a pid vanishing).
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + DEADLINE;
     while !cond() {
