@@ -101,9 +101,10 @@ Show listeners, generations, counters and the last failure.
 Options:
       --control PATH   control socket [default: see containerflip(1)]
       --json           print one JSON object
-      --check          print one line; exit 0 if a ready generation serves,
-                       else 1 (3 if no supervisor answers); with --json,
-                       print the JSON object instead of the line
+      --check          print one line; exit 0 if a ready generation serves
+                       and every listener listens, else 1 (3 if no
+                       supervisor answers); with --json, print the JSON
+                       object instead of the line
   -h, --help           print this help
 ";
 

@@ -173,8 +173,53 @@ pub struct Listener {
     pub name: String,
     /// What it is bound to, for logs and `status`.
     pub display: String,
+    /// A TCP socket's address, port resolved (for `listen_again`).
+    pub tcp_addr: Option<SocketAddr>,
     /// A socket file we created and remove at exit.
     pub unix_path: Option<PathBuf>,
+    /// No longer polled for a hang-up: it could not listen again (see
+    /// [`Listener::listen_again`]), or it reported an error.
+    pub unwatched: bool,
+    /// Shut down by a worker and not listening again.
+    pub dead: bool,
+}
+
+impl Listener {
+    /// Whether the socket still listens. shutdown(2) on a listening
+    /// socket, by any process holding it, disconnects it for every holder:
+    /// a worker doing that to its fd 3 stops the whole service.
+    /// (A unix socket keeps SO_ACCEPTCONN when shut down: `dead` says it.)
+    pub fn listening(&self) -> bool {
+        !self.dead && sockopt::socket_acceptconn(&self.fd).unwrap_or(true)
+    }
+
+    /// Listen again on the very socket every generation holds (their
+    /// fd 3… stay valid), bound again to its address if the kernel let go
+    /// of the port (it does for a port it chose, `:0`). A unix socket that
+    /// was shut down stays so: it cannot be repaired in place.
+    pub fn listen_again(&self, backlog: i32) -> std::result::Result<(), String> {
+        let Some(addr) = self.tcp_addr else {
+            return Err("a unix socket that was shut down refuses connections for good".into());
+        };
+        // getsockname may still show the old port after the kernel let go
+        // of it: bind, and EINVAL says it is still bound (we asked for the
+        // port ourselves).
+        match net::bind(&self.fd, &addr) {
+            Ok(()) | Err(Errno::INVAL) => {}
+            Err(e) => return Err(format!("binding {addr} again: {e}")),
+        }
+        net::listen(&self.fd, backlog).map_err(|e| format!("listening again: {e}"))?;
+        let now = net::getsockname(&self.fd)
+            .ok()
+            .and_then(|a| SocketAddr::try_from(a).ok());
+        match now {
+            Some(a) if a == addr => Ok(()),
+            other => Err(format!(
+                "it listens on {} instead",
+                other.map_or_else(|| "?".into(), |a| a.to_string())
+            )),
+        }
+    }
 }
 
 impl Drop for Listener {
@@ -303,18 +348,17 @@ fn tcp_listener(addr: SocketAddr, backlog: i32, name: String) -> Result<Listener
 }
 
 fn finish_tcp(fd: OwnedFd, name: String) -> Result<Listener> {
-    let display = match net::getsockname(&fd)
+    let tcp_addr = net::getsockname(&fd)
         .ok()
-        .and_then(|a| SocketAddr::try_from(a).ok())
-    {
-        Some(a) => a.to_string(),
-        None => "?".into(),
-    };
+        .and_then(|a| SocketAddr::try_from(a).ok());
     Ok(Listener {
         fd,
         name,
-        display,
+        display: tcp_addr.map_or_else(|| "?".into(), |a| a.to_string()),
+        tcp_addr,
         unix_path: None,
+        unwatched: false,
+        dead: false,
     })
 }
 
@@ -370,7 +414,10 @@ fn bind_unix(path: &Path, backlog: i32, name: String) -> Result<Listener> {
         fd,
         name,
         display: shown.clone(),
+        tcp_addr: None,
         unix_path,
+        unwatched: false,
+        dead: false,
     };
     net::listen(&l.fd, backlog).map_err(|e| Error::os(format!("listen on {shown}"), e))?;
     Ok(l)
@@ -461,11 +508,17 @@ fn adopt(fd: RawFd, name: String) -> Result<Listener> {
     };
     // The original goes away when parking replaces it; the duplicate holds
     // the socket meanwhile.
+    let tcp_addr = net::getsockname(&dup)
+        .ok()
+        .and_then(|a| SocketAddr::try_from(a).ok());
     Ok(Listener {
         fd: dup,
         name,
         display,
+        tcp_addr,
         unix_path: None,
+        unwatched: false,
+        dead: false,
     })
 }
 
@@ -557,6 +610,9 @@ mod tests {
         assert!(Spec::parse("fd:1").is_err());
         assert!(Spec::parse("localhost:80").is_err());
         assert!(Spec::parse("99999").is_err());
-        assert!(Spec::parse("a b=80").is_err());
+        // systemd's fdname_is_valid: printable ASCII, space included.
+        assert_eq!(Spec::parse("a b=80").unwrap().name.as_deref(), Some("a b"));
+        assert!(Spec::parse("a\tb=80").is_err());
+        assert!(Spec::parse("\u{e9}=80").is_err());
     }
 }

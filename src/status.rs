@@ -17,11 +17,16 @@ pub fn render(s: &Supervisor, format: StatusFormat, now: Instant) -> Option<Stri
     }
 }
 
-/// The one-line verdict of `--check`.
-pub fn verdict(s: &Supervisor) -> String {
+/// The verdict of `--check`, healthy or not, in one line: a ready
+/// generation serves on listeners that all listen.
+pub fn verdict(s: &Supervisor) -> (bool, String) {
+    if let Some(l) = s.listeners.iter().find(|l| !l.listening()) {
+        let shown = crate::log::printable(&l.display);
+        return (false, format!("listener {shown} is not listening"));
+    }
     match s.active.filter(|_| s.serving()) {
-        Some(n) => format!("gen {n} is serving"),
-        None => "no ready generation is serving".into(),
+        Some(n) => (true, format!("gen {n} is serving")),
+        None => (false, "no ready generation is serving".into()),
     }
 }
 
@@ -69,7 +74,12 @@ fn text(s: &Supervisor, now: Instant) -> String {
     for (i, l) in s.listeners.iter().enumerate() {
         // The display holds a unix path, which may be anything.
         let display = crate::log::printable(&l.display);
-        let _ = writeln!(o, "  fd {:<3} {:<10} {display}", 3 + i, l.name);
+        let dead = if l.listening() {
+            ""
+        } else {
+            "  NOT LISTENING (shut down by a worker)"
+        };
+        let _ = writeln!(o, "  fd {:<3} {:<10} {display}{dead}", 3 + i, l.name);
     }
     let _ = writeln!(o, "generations:");
     let _ = writeln!(
@@ -153,10 +163,11 @@ fn json(s: &Supervisor, now: Instant) -> String {
         .enumerate()
         .map(|(i, l)| {
             format!(
-                "{{\"fd\":{},\"name\":{},\"address\":{}}}",
+                "{{\"fd\":{},\"name\":{},\"address\":{},\"listening\":{}}}",
                 3 + i,
                 json_str(&l.name),
-                json_str(&l.display)
+                json_str(&l.display),
+                l.listening()
             )
         })
         .collect();

@@ -35,7 +35,7 @@ use rustix::io::Errno;
 use crate::cli::{OnCrash, RunConfig, format_duration};
 use crate::control::{self, ClientId, Control};
 use crate::generation::{Exit, Generation, State};
-use crate::listen::Listener;
+use crate::listen::{self, Listener};
 use crate::notify::{self, Event, Message, NotifySocket};
 use crate::reap;
 use crate::rundir::RunDir;
@@ -138,6 +138,8 @@ enum Source {
     Notify(u64, RawFd),
     Control(RawFd),
     Upstream,
+    /// A listening socket reported a hang-up: a worker shut it down.
+    Listener(usize),
 }
 
 pub struct Supervisor {
@@ -174,6 +176,9 @@ pub struct Supervisor {
     pub previous_cmd: Option<Rc<[OsString]>>,
     booted: bool,
     stop: Option<Stopping>,
+    /// Children that left their generation's group (see
+    /// `report_strays`), each logged once.
+    known_strays: Vec<i32>,
     /// Exit status decided by an event (boot failure, `--on-crash exit`).
     exit_code: Option<i32>,
     pub counters: Counters,
@@ -228,6 +233,7 @@ impl Supervisor {
             previous_cmd: None,
             booted: false,
             stop: None,
+            known_strays: Vec::new(),
             exit_code: None,
             counters: Counters::default(),
             last_failure: None,
@@ -275,6 +281,7 @@ impl Supervisor {
                 Source::Signals => reap |= self.on_signals(now),
                 Source::Control(fd) => self.on_control(fd, flags, now),
                 Source::Upstream => self.upstream.iter().for_each(Upstream::flush),
+                Source::Listener(i) => self.on_listener_hang_up(i, flags),
             }
         }
         if reap {
@@ -332,6 +339,14 @@ impl Supervisor {
         if let Some(fd) = self.upstream.as_ref().and_then(Upstream::poll_fd) {
             sources.push(Source::Upstream);
             fds.push(PollFd::from_borrowed_fd(fd, PollFlags::OUT));
+        }
+        // Never readable for us (we do not accept): only a hang-up (a TCP
+        // listener shut down) or RDHUP (a unix one) is reported.
+        for (i, l) in self.listeners.iter().enumerate() {
+            if !l.unwatched {
+                sources.push(Source::Listener(i));
+                fds.push(PollFd::new(&l.fd, PollFlags::RDHUP));
+            }
         }
         let ts = timeout.map(|d| Timespec {
             tv_sec: d.as_secs() as _,
@@ -401,6 +416,41 @@ impl Supervisor {
             }
         }
         reap
+    }
+
+    /// Poll saw listener `i` hang up (HUP for TCP, RDHUP for unix): a
+    /// worker shut it down (shutdown(2) on its fd 3 disconnects the socket
+    /// for every generation). Listen again at once, or say that
+    /// connections to it are refused. Either way poll stops reporting it,
+    /// so this cannot spin.
+    fn on_listener_hang_up(&mut self, i: usize, flags: PollFlags) {
+        let backlog = self.cfg.backlog;
+        let Some(l) = self.listeners.get_mut(i) else {
+            return;
+        };
+        let fd = listen::FIRST_FD + i as i32;
+        if !flags.intersects(PollFlags::HUP | PollFlags::RDHUP) {
+            debug!(
+                "listener {} (fd {fd}) reports {flags:?}; no longer watched",
+                l.display
+            );
+            l.unwatched = true;
+            return;
+        }
+        match l.listen_again(backlog) {
+            Ok(()) => warn!(
+                "listener {} (fd {fd}) was shut down by a worker (shutdown(2) on it); listening again",
+                l.display
+            ),
+            Err(e) => {
+                l.unwatched = true;
+                l.dead = true;
+                warn!(
+                    "listener {} (fd {fd}) was shut down by a worker (shutdown(2) on it) and cannot listen again: {e}; connections to it are refused",
+                    l.display
+                );
+            }
+        }
     }
 
     // ---- deploys -------------------------------------------------------

@@ -590,6 +590,85 @@ fn stopping_before_ready_fails_the_deploy_closed() {
     assert_eq!(cf(&dir, "status", &["--check"]).code(), 0);
 }
 
+/// shutdown(2) on a listening socket disconnects it for every process
+/// holding it: a failed deploy's worker doing that to its fds would stop
+/// the generation that serves. The TCP listener listens again at once
+/// (bound again to the port the kernel had chosen); a unix one cannot,
+/// and says so, in the log and in `status --check`.
+#[test]
+fn a_worker_that_shuts_the_listeners_down_does_not_stop_the_service() {
+    let dir = TempDir::new("ctl-shutdown");
+    let unix = dir.join("web.sock");
+    let unix_arg = format!("unix:{}", unix.display());
+    let (sup, addr, _) = start(&dir, &["--listen", &unix_arg], &[]);
+    let script = "import socket, sys\n\
+                  for fd in (3, 4): socket.socket(fileno=fd).shutdown(socket.SHUT_RD)\n\
+                  sys.exit(1)\n";
+    let out = cf(&dir, "deploy", &["--", "python3", "-c", script]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    sup.wait_line(&format!(
+        "listener {addr} (fd 3) was shut down by a worker (shutdown(2) on it); listening again"
+    ));
+    sup.wait_line(&format!(
+        "listener {unix_arg} (fd 4) was shut down by a worker (shutdown(2) on it) and cannot listen again"
+    ));
+    assert_served_by(addr, 1);
+    let out = cf(&dir, "status", &["--check"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert_eq!(
+        out.stdout,
+        format!("listener {unix_arg} is not listening\n")
+    );
+    let table = cf(&dir, "status", &[]).stdout;
+    assert!(
+        table.contains(&format!(
+            "{unix_arg}  NOT LISTENING (shut down by a worker)"
+        )),
+        "{table}"
+    );
+    assert!(
+        !table.contains(&format!("{addr}  NOT LISTENING")),
+        "{table}"
+    );
+}
+
+/// A failed deploy's worker that leaves a `setsid` child behind: the
+/// child is nobody's generation (it could be accepting on the shared
+/// socket, serving the rejected version), so the operator is told at once,
+/// and the stop ends it.
+#[test]
+fn a_process_that_escaped_a_failed_generation_is_reported() {
+    let dir = TempDir::new("ctl-escapee");
+    let (mut sup, addr, _) = start(&dir, &[], &[]);
+    // The worker exits once its child has left the group (the FIFO says).
+    let fifo = dir.join("up");
+    let script = format!(
+        "mkfifo {f}; setsid sh -c 'echo up > {f}; exec sleep 1000' & read x < {f}; exit 1",
+        f = fifo.display()
+    );
+    let out = cf(&dir, "deploy", &["--", "sh", "-c", &script]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    let line = sup.wait_for("the escapee reported", |l| {
+        l.contains(") left its generation's process group and outlived its parent")
+    });
+    let pid: i32 = line
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"));
+    assert_served_by(addr, 1);
+    assert_eq!(cf(&dir, "stop", &[]).code(), 0);
+    sup.wait_exit();
+    // Dead: gone, or a zombie left to init (the supervisor does not wait
+    // for a stray that is already dying).
+    let state = stat_field(pid as u32, 3);
+    assert!(
+        state.as_deref().is_none_or(|s| s == "Z"),
+        "the escapee outlived the supervisor (state {state:?}): {:?}",
+        sup.lines()
+    );
+}
+
 /// Workers run as our user and inherit RUNTIME_DIRECTORY: one that
 /// removes the runtime directory, or leaves something at the next notify
 /// socket's name, fails its own deploy, not every later one.

@@ -1386,7 +1386,8 @@ fn ten_sighups_at_once_collapse_into_at_most_two_deploys() {
 #[test]
 fn queued_deploy_requests_collapse_into_one() {
     let dir = TempDir::new("queue");
-    let (mut sup, env_file, fifo) = start_held(&dir, &[], &[]);
+    // -v: requests that join the queued deploy are logged only with it.
+    let (mut sup, env_file, fifo) = start_held(&dir, &["-v"], &[]);
     sup.wait_ready(1);
     write_file(&env_file, &format!("HOLD={}\n", fifo.display()));
     sup.signal(libc::SIGHUP);

@@ -33,15 +33,14 @@ impl Supervisor {
             }
             Request::Status(format) => {
                 let body = crate::status::render(self, format, now);
-                let verdict = crate::status::verdict(self);
-                let serving = self.serving();
+                let (healthy, verdict) = crate::status::verdict(self);
                 if let Some(c) = self.control.as_mut() {
                     if let Some(body) = &body {
                         c.data(id, body);
                     }
                     match format {
                         control::StatusFormat::Check | control::StatusFormat::JsonCheck => {
-                            c.finish(id, serving, &verdict)
+                            c.finish(id, healthy, &verdict)
                         }
                         _ => c.finish(id, true, ""),
                     }

@@ -130,6 +130,28 @@ impl Supervisor {
         self.check_strays(now);
     }
 
+    /// Not stopping: say once about each child of ours that belongs to no
+    /// generation — a process that left its worker's group (`setsid`) and
+    /// was reparented to us when its parent died. It may be a failed
+    /// deploy's, still accepting on the shared sockets: nothing tells whose
+    /// it is, so it is not killed now, but the operator hears of it (and
+    /// the stop signals it).
+    fn report_strays(&mut self) {
+        let strays = reap::orphans(&self.gens, &[]);
+        for &pid in &strays {
+            if self.known_strays.contains(&pid) {
+                continue;
+            }
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            warn!(
+                "pid {pid} ({}) left its generation's process group and outlived its parent: \
+                 it belongs to no generation and runs until containerflip stops",
+                crate::log::printable(comm.trim_end())
+            );
+        }
+        self.known_strays = strays;
+    }
+
     /// While stopping: find our children that belong to no generation
     /// (daemons that left their group, reparented to us as subreaper or
     /// PID 1), give new ones the stop signal and the drain deadline, and
@@ -139,7 +161,7 @@ impl Supervisor {
     pub(super) fn check_strays(&mut self, now: Instant) {
         let sig = self.cfg.stop_signal;
         let Some(stop) = self.stop.as_mut() else {
-            return;
+            return self.report_strays();
         };
         // One deadline for the whole stop: a stray found late (reparented
         // when its parent died at the deadline) gets SIGKILL at once.
