@@ -266,6 +266,12 @@ struct Client {
 pub struct Control {
     fd: OwnedFd,
     path: PathBuf,
+    /// inotify on the socket file (best effort): a worker, which runs as
+    /// our user, removing or replacing it is seen at once and the socket
+    /// is bound again, rather than every client finding nobody there.
+    watch: Option<OwnedFd>,
+    /// The file we bound, as (st_dev, st_ino).
+    file: (u64, u64),
     clients: Vec<Client>,
     next_id: ClientId,
     /// Accepting is paused after EMFILE until then.
@@ -279,7 +285,10 @@ pub struct Control {
 
 impl Drop for Control {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // Only our own socket file: not what replaced it.
+        if file_id(&self.path) == Some(self.file) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -287,41 +296,51 @@ impl Control {
     /// Bind `path` with mode 0600. A live socket there is another
     /// supervisor: refuse. A stale one is replaced.
     pub fn bind(path: &Path) -> Result<Control> {
-        let shown = path.display();
-        let addr = SocketAddrUnix::new(path)
-            .map_err(|e| Error::os(format!("use control socket {shown}"), e))?;
-        let fd = net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::STREAM,
-            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-            None,
-        )
-        .map_err(|e| Error::os("create the control socket", e))?;
-        listen::remove_stale_socket(path, &addr).map_err(|why| match why {
-            Occupied::Live => Error::msg(
-                format!("bind control socket {shown}"),
-                "another supervisor answers there (give this one its own --control PATH)",
-            ),
-            other => Error::msg(format!("bind control socket {shown}"), other.to_string()),
-        })?;
-        // umask makes the socket 0600 from the start: a chmod after bind
-        // would leave a window. We are single-threaded, so this is safe.
-        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
-        let bound = net::bind(&fd, &addr);
-        rustix::process::umask(old);
-        bound.map_err(|e| Error::os(format!("bind control socket {shown}"), e))?;
-        let c = Control {
+        let (fd, file) = bind_socket(path)?;
+        Ok(Control {
             fd,
             path: path.to_path_buf(),
+            watch: watch_file(path),
+            file,
             clients: Vec::new(),
             next_id: 1,
             paused_until: None,
             room: true,
             accept_failing: false,
-        };
-        net::listen(&c.fd, 256)
-            .map_err(|e| Error::os(format!("listen on control socket {shown}"), e))?;
-        Ok(c)
+        })
+    }
+
+    /// The socket file changed (inotify): if it is no longer the one we
+    /// bound (removed, renamed, replaced), bind the path again. Clients
+    /// already connected are kept; connections still in the old socket's
+    /// backlog were accepted just before.
+    fn on_file_changed(&mut self) {
+        if let Some(w) = &self.watch {
+            // What happened is read from the file system, not the events.
+            let mut buf = [std::mem::MaybeUninit::uninit(); 512];
+            let mut events = rustix::fs::inotify::Reader::new(w, &mut buf);
+            while events.next().is_ok() {}
+        }
+        let shown = self.path.display();
+        if file_id(&self.path) == Some(self.file) {
+            return; // a chmod, say
+        }
+        match bind_socket(&self.path) {
+            Ok((fd, file)) => {
+                (self.fd, self.file) = (fd, file);
+                self.watch = watch_file(&self.path);
+                warn!(
+                    "control socket {shown} was removed or replaced (by a worker?); bound it again"
+                );
+            }
+            Err(e) => {
+                self.watch = None;
+                warn!(
+                    "control socket {shown} was removed or replaced and cannot be bound again ({e}); \
+                     SIGHUP still deploys"
+                );
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -331,19 +350,23 @@ impl Control {
     pub fn poll_fds(&self) -> impl Iterator<Item = (BorrowedFd<'_>, PollFlags)> + '_ {
         let accepting = self.room && self.paused_until.is_none();
         let listen = accepting.then(|| (self.fd.as_fd(), PollFlags::IN));
-        listen.into_iter().chain(self.clients.iter().map(|c| {
-            let mut flags = PollFlags::empty();
-            if c.phase == Phase::Reading && !c.read_shut {
-                // Only the request is read. A waiting client's stray bytes
-                // stay unread (it cannot make us spin on them), and its
-                // going away still shows: a hang-up is always reported.
-                flags |= PollFlags::IN;
-            }
-            if !c.output.is_empty() {
-                flags |= PollFlags::OUT;
-            }
-            (c.fd.as_fd(), flags)
-        }))
+        let watch = self.watch.as_ref().map(|w| (w.as_fd(), PollFlags::IN));
+        listen
+            .into_iter()
+            .chain(watch)
+            .chain(self.clients.iter().map(|c| {
+                let mut flags = PollFlags::empty();
+                if c.phase == Phase::Reading && !c.read_shut {
+                    // Only the request is read. A waiting client's stray bytes
+                    // stay unread (it cannot make us spin on them), and its
+                    // going away still shows: a hang-up is always reported.
+                    flags |= PollFlags::IN;
+                }
+                if !c.output.is_empty() {
+                    flags |= PollFlags::OUT;
+                }
+                (c.fd.as_fd(), flags)
+            }))
     }
 
     pub fn deadline(&self) -> Option<Instant> {
@@ -369,6 +392,11 @@ impl Control {
         let mut out = Vec::new();
         if fd == self.fd.as_raw_fd() {
             self.accept(now, &mut out);
+            return out;
+        }
+        if self.watch.as_ref().is_some_and(|w| w.as_raw_fd() == fd) {
+            self.accept(now, &mut out);
+            self.on_file_changed();
             return out;
         }
         let Some(i) = self.clients.iter().position(|c| c.fd.as_raw_fd() == fd) else {
@@ -771,6 +799,65 @@ impl Control {
             self.flush(i);
         }
     }
+}
+
+/// Create, bind (mode 0600) and listen on the control socket at `path`;
+/// also returns the file's identity for `Control::on_file_changed`.
+fn bind_socket(path: &Path) -> Result<(OwnedFd, (u64, u64))> {
+    let shown = path.display();
+    let addr = SocketAddrUnix::new(path)
+        .map_err(|e| Error::os(format!("use control socket {shown}"), e))?;
+    let fd = net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .map_err(|e| Error::os("create the control socket", e))?;
+    listen::remove_stale_socket(path, &addr).map_err(|why| match why {
+        Occupied::Live => Error::msg(
+            format!("bind control socket {shown}"),
+            "another supervisor answers there (give this one its own --control PATH)",
+        ),
+        other => Error::msg(format!("bind control socket {shown}"), other.to_string()),
+    })?;
+    // umask makes the socket 0600 from the start: a chmod after bind
+    // would leave a window. We are single-threaded, so this is safe.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = net::bind(&fd, &addr);
+    rustix::process::umask(old);
+    bound.map_err(|e| Error::os(format!("bind control socket {shown}"), e))?;
+    let listening = net::listen(&fd, 256)
+        .map_err(|e| Error::os(format!("listen on control socket {shown}"), e))
+        .and_then(|()| {
+            file_id(path).ok_or_else(|| Error::msg(format!("stat {shown}"), "it is gone"))
+        });
+    match listening {
+        Ok(file) => Ok((fd, file)),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(e)
+        }
+    }
+}
+
+/// (st_dev, st_ino) of what is at `path` now.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// An inotify descriptor that becomes readable when the file at `path`
+/// loses a link (unlink, rename over it: IN_ATTRIB), is moved, or goes.
+/// None if inotify is not available: then nothing is watched.
+fn watch_file(path: &Path) -> Option<OwnedFd> {
+    use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+    let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).ok()?;
+    let flags = WatchFlags::ATTRIB | WatchFlags::DELETE_SELF | WatchFlags::MOVE_SELF;
+    inotify::add_watch(&fd, path, flags).ok()?;
+    Some(fd)
 }
 
 /// Index of the blank line that ends a request: "\n\n" (or a request

@@ -669,6 +669,35 @@ fn a_process_that_escaped_a_failed_generation_is_reported() {
     );
 }
 
+/// The control socket file removed (a worker cleaning a shared runtime
+/// directory, say) or renamed away: bound again at once, so clients
+/// still find the supervisor; one connected meanwhile is still served.
+#[test]
+fn a_removed_control_socket_is_bound_again() {
+    let dir = TempDir::new("ctl-rebind");
+    let (sup, _addr, _) = start(&dir, &[], &[]);
+    let ctl = control(&dir);
+    let held = UnixStream::connect(&ctl).unwrap();
+    for n in [1, 2] {
+        match n {
+            1 => std::fs::remove_file(&ctl).unwrap(),
+            _ => std::fs::rename(&ctl, ctl.with_extension("old")).unwrap(),
+        }
+        sup.wait_for_nth("the control socket bound again", n, |l| {
+            l.ends_with(&format!(
+                "control socket {} was removed or replaced (by a worker?); bound it again",
+                ctl.display()
+            ))
+        });
+        let out = cf(&dir, "status", &["--check"]);
+        assert_eq!(out.code(), 0, "{out:?}");
+    }
+    assert_eq!(
+        exchange_on(held, b"containerflip/1 status check\n\n".to_vec()),
+        "ok gen 1 is serving\n"
+    );
+}
+
 /// Workers run as our user and inherit RUNTIME_DIRECTORY: one that
 /// removes the runtime directory, or leaves something at the next notify
 /// socket's name, fails its own deploy, not every later one.
