@@ -201,6 +201,10 @@ impl Listener {
         let Some(addr) = self.tcp_addr else {
             return Err("a unix socket that was shut down refuses connections for good".into());
         };
+        // A second shutdown(2) leaves the closed socket marked shut down,
+        // and connections accepted after listen(2) would inherit the mark:
+        // connect(AF_UNSPEC) resets it.
+        let _ = net::connect_unspec(&self.fd);
         // getsockname may still show the old port after the kernel let go
         // of it: bind, and EINVAL says it is still bound (we asked for the
         // port ourselves).

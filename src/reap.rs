@@ -67,7 +67,8 @@ pub fn lost(pid: i32) -> bool {
 /// generation's process group (that group already got the stop signal and
 /// has its own deadline) nor in a group that got SIGKILL (dying): daemons
 /// that left their group and were reparented to us as PID 1 or child
-/// subreaper. Read from /proc, only while stopping.
+/// subreaper. Read from /proc after a reap (see `report_strays`) and
+/// while stopping.
 pub fn orphans(gens: &[Generation], killed_groups: &[i32]) -> Vec<i32> {
     let me = std::process::id() as i32;
     // A /proc of another PID namespace lists other processes under our
@@ -75,11 +76,23 @@ pub fn orphans(gens: &[Generation], killed_groups: &[i32]) -> Vec<i32> {
     if !proc_is_ours() {
         return Vec::new();
     }
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
+    // Our children are listed in /proc/self/task/PID/children (we have
+    // one thread), which costs what we have, not what the host runs;
+    // without CONFIG_PROC_CHILDREN, every process is looked at.
+    let pids: Vec<i32> = match std::fs::read_to_string(format!("/proc/self/task/{me}/children")) {
+        Ok(list) => list
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+        Err(_) => match std::fs::read_dir("/proc") {
+            Ok(dir) => dir
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .collect(),
+            Err(_) => return Vec::new(),
+        },
     };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    pids.into_iter()
         .filter(|pid| !gens.iter().any(|g| g.pid == *pid))
         .filter(|pid| {
             let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

@@ -91,11 +91,18 @@ impl RunDir {
         }
         let path = self.path.join(name);
         if std::fs::symlink_metadata(&path).is_ok() {
-            let _ = std::fs::remove_file(&path).or_else(|_| std::fs::remove_dir(&path));
-            crate::warn!(
-                "removed {} before binding it: left there by a worker?",
-                path.display()
-            );
+            match std::fs::remove_file(&path).or_else(|_| std::fs::remove_dir(&path)) {
+                Ok(()) => crate::warn!(
+                    "removed {} before binding it: left there by a worker?",
+                    path.display()
+                ),
+                // Binding then fails, naming the path and the error.
+                Err(e) => crate::warn!(
+                    "unable to remove {} (left there by a worker?): {}",
+                    path.display(),
+                    crate::error::os_message(&e)
+                ),
+            }
         }
         path
     }

@@ -179,6 +179,9 @@ pub struct Supervisor {
     /// Children that left their generation's group (see
     /// `report_strays`), each logged once.
     known_strays: Vec<i32>,
+    /// Process groups that got SIGKILL after their generation was let go:
+    /// what is left in them is dying, not a stray.
+    killed_groups: Vec<i32>,
     /// Exit status decided by an event (boot failure, `--on-crash exit`).
     exit_code: Option<i32>,
     pub counters: Counters,
@@ -234,6 +237,7 @@ impl Supervisor {
             booted: false,
             stop: None,
             known_strays: Vec::new(),
+            killed_groups: Vec::new(),
             exit_code: None,
             counters: Counters::default(),
             last_failure: None,
@@ -483,7 +487,9 @@ impl Supervisor {
                 origin.name(),
                 d.n
             );
-            if self.queued.is_none() {
+            // A new command or a rollback changes what the queued deploy
+            // will run: always worth a line.
+            if self.queued.is_none() || !matches!(target, Target::Current) {
                 info!("{line}");
             } else {
                 debug!("{line} (collapsed into the one already queued)");
@@ -1191,8 +1197,8 @@ impl Supervisor {
         let (gone, pgid) = (!g.running(), g.pid);
         if let Some(stop) = self.stop.as_mut() {
             stop.clean = false;
-            stop.killed_groups.push(pgid);
         }
+        self.killed_groups.push(pgid);
         if gone {
             // Only leftovers were in the group; SIGKILL cannot be caught.
             self.gens.retain(|g| g.n != n);

@@ -942,6 +942,14 @@ fn drain_deadline_kills_an_orphaned_grandchild() {
     sup.wait_gen(1, "killed at drain deadline");
     wait_gone(p1);
     wait_gone(g1);
+    // Dying with its killed group, it was never a stray.
+    round_trip(&dir);
+    assert_eq!(
+        sup.count("left its generation's process group"),
+        0,
+        "{:?}",
+        sup.lines()
+    );
 }
 
 /// A process still in its generation's group gets the stop signal once,

@@ -31,9 +31,6 @@ pub(super) struct Stopping {
     pub(super) signalled: Vec<i32>,
     /// Strays that already got SIGKILL (not sent, nor logged, twice).
     pub(super) killed: Vec<i32>,
-    /// Process groups that got SIGKILL: what is left in them is dying,
-    /// not a stray.
-    pub(super) killed_groups: Vec<i32>,
     /// The stop's drain deadline: what is left after it gets SIGKILL.
     pub(super) deadline: Instant,
     /// `stop` clients to tell the exit status.
@@ -69,10 +66,10 @@ impl Supervisor {
                     g.signal_group(libc::SIGKILL);
                     g.deadline = None;
                     g.killed = true;
-                    stop.killed_groups.push(g.pid);
+                    self.killed_groups.push(g.pid);
                 }
                 self.gens.retain(|g| g.running());
-                for pid in reap::orphans(&self.gens, &stop.killed_groups) {
+                for pid in reap::orphans(&self.gens, &self.killed_groups) {
                     let _ = crate::sys::kill(pid, libc::SIGKILL);
                 }
                 stop.orphan_deadline = None;
@@ -121,7 +118,6 @@ impl Supervisor {
             strays: false,
             signalled: Vec::new(),
             killed: Vec::new(),
-            killed_groups: Vec::new(),
             deadline: now + drain,
             orphan_deadline: None,
             waiters: Vec::new(),
@@ -137,7 +133,10 @@ impl Supervisor {
     /// it is, so it is not killed now, but the operator hears of it (and
     /// the stop signals it).
     fn report_strays(&mut self) {
-        let strays = reap::orphans(&self.gens, &[]);
+        // A group emptied by its SIGKILL needs no more excusing.
+        self.killed_groups
+            .retain(|&pg| crate::sys::kill(-pg, 0).is_ok());
+        let strays = reap::orphans(&self.gens, &self.killed_groups);
         for &pid in &strays {
             if self.known_strays.contains(&pid) {
                 continue;
@@ -166,7 +165,7 @@ impl Supervisor {
         // One deadline for the whole stop: a stray found late (reparented
         // when its parent died at the deadline) gets SIGKILL at once.
         let kill_now = stop.forced || now >= stop.deadline;
-        let strays = reap::orphans(&self.gens, &stop.killed_groups);
+        let strays = reap::orphans(&self.gens, &self.killed_groups);
         // A reaped pid may come back as another process: forget it.
         stop.killed.retain(|p| strays.contains(p));
         for &pid in &strays {
