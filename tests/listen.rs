@@ -134,6 +134,25 @@ fn named_unix_listener_serves_http_and_its_file_goes_at_exit() {
     assert!(!path.exists(), "the unix socket file is removed at exit");
 }
 
+/// The child of `cmd` gets `raw` as its fd `target`, close-on-exec clear,
+/// as from a parent that set a socket up for it.
+fn pass_fd(cmd: &mut Command, raw: i32, target: i32) {
+    // SAFETY: only dup2(2)/fcntl(2) on integers between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if raw == target {
+                libc::fcntl(target, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, target)
+            };
+            match r {
+                -1 => Err(std::io::Error::last_os_error()),
+                _ => Ok(()),
+            }
+        });
+    }
+}
+
 /// The supervisor inherited a listening socket at fd 5 (as from a parent
 /// that set it up) and is told `--listen fd:5`: no LISTEN_FDS anywhere.
 #[test]
@@ -149,20 +168,7 @@ fn inherited_fd_is_adopted_and_served() {
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("CONTAINERFLIP_CONTROL", dir.join("control.sock"))
         .env("WORKER_RECORD", dir.path());
-    // SAFETY: only dup2(2)/fcntl(2) on integers between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = if raw == TARGET {
-                libc::fcntl(TARGET, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(raw, TARGET)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    pass_fd(&mut cmd, raw, TARGET);
     let mut sup = Supervisor::spawn(cmd, &dir, &[]);
     let shown = sup.listen_addr_nth(0);
     assert!(shown.contains(&addr.to_string()), "listening on {shown}");
@@ -199,19 +205,7 @@ fn an_unprintable_inherited_name_becomes_unknown() {
     ])
     .env("LISTEN_FDNAMES", "x\ny\x1b[2J")
     .env("CONTAINERFLIP_CONTROL", dir.join("control.sock"));
-    // SAFETY: only dup2(2)/fcntl(2) on integers between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = match raw {
-                3 => libc::fcntl(3, libc::F_SETFD, 0),
-                _ => libc::dup2(raw, 3),
-            };
-            match r {
-                -1 => Err(std::io::Error::last_os_error()),
-                _ => Ok(()),
-            }
-        });
-    }
+    pass_fd(&mut cmd, raw, 3);
     let sup = Supervisor::spawn(cmd, &dir, &[]);
     let pid = sup.wait_ready(1);
     assert_eq!(served_gen(addr), 1);
