@@ -9,11 +9,22 @@ STATIC_BIN := target/$(STATIC_TARGET)/release/containerflip
 
 test: test-rust test-node test-static
 
+# Real servers the integration tests run as workers, from
+# tests/requirements.txt into a venv under target/ (gunicorn: its own
+# sd_listen_fds and sd_notify).
+PY_VENV := target/py
+GUNICORN := $(CURDIR)/$(PY_VENV)/bin/gunicorn
+
+$(PY_VENV)/bin/gunicorn: tests/requirements.txt
+	python3 -m venv $(PY_VENV)
+	$(PY_VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	touch $@
+
 # Builds the binary and the example worker first: the integration tests
 # run both as real processes.
-test-rust:
+test-rust: $(PY_VENV)/bin/gunicorn
 	cargo build --bins --examples
-	cargo test
+	CONTAINERFLIP_GUNICORN=$(GUNICORN) cargo test
 
 # Installs the helper's devDependencies (frameworks, typescript) from the
 # lock file, then runs node:test against the binary built above.
@@ -33,11 +44,11 @@ static:
 
 # The static binary must really be static (no program interpreter, no
 # dynamic section) and pass the same integration tests as the dynamic one.
-test-static: static
+test-static: static $(PY_VENV)/bin/gunicorn
 	@if readelf -lW $(STATIC_BIN) | grep -q INTERP; then echo "$(STATIC_BIN) has a program interpreter"; exit 1; fi
 	@readelf -d $(STATIC_BIN) | grep -q "no dynamic section" || { echo "$(STATIC_BIN) has a dynamic section"; exit 1; }
 	$(STATIC_BIN) --version
-	CONTAINERFLIP_BIN=$(CURDIR)/$(STATIC_BIN) cargo test --test integration
+	CONTAINERFLIP_BIN=$(CURDIR)/$(STATIC_BIN) CONTAINERFLIP_GUNICORN=$(GUNICORN) cargo test --test integration
 
 clean:
 	cargo clean

@@ -363,6 +363,72 @@ fn systemd_notify_ready_promotes_the_generation() {
     assert!(sup.wait_exit().success());
 }
 
+/// A WSGI app that names its generation like the example worker does.
+const WSGI_APP: &str = r#"import os
+
+def app(environ, start_response):
+    gen = os.environ["CONTAINERFLIP_GENERATION"]
+    body = ("gen %s pid %d\n" % (gen, os.getpid())).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(body))),
+                              ("X-Generation", gen)])
+    return [body]
+"#;
+
+/// gunicorn, a real server with its own sd_listen_fds and sd_notify
+/// (`make test` installs it in target/py; CONTAINERFLIP_GUNICORN names
+/// it): it adopts fd 3 only because LISTEN_PID is its own pid, says
+/// READY=1 itself (after importing the app, with --preload), and drains
+/// on SIGTERM. Deploys switch generations and old ones exit 0, with no
+/// code of ours in the worker.
+#[test]
+fn gunicorn_runs_as_a_worker_unchanged() {
+    let gunicorn = std::env::var("CONTAINERFLIP_GUNICORN").unwrap_or_else(|_| "gunicorn".into());
+    if Command::new(&gunicorn).arg("--version").output().is_err() {
+        skipped(
+            "gunicorn_runs_as_a_worker_unchanged",
+            "no gunicorn (`make test` installs one in target/py)",
+        );
+        return;
+    }
+    let dir = TempDir::new("gunicorn");
+    write_file(&dir.join("app.py"), WSGI_APP);
+    let mut sup = Supervisor::start(
+        &dir,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--chdir",
+            dir.path().to_str().unwrap(),
+            "--drain-timeout",
+            "20s",
+            "--",
+            &gunicorn,
+            "--preload",
+            "--no-control-socket",
+            "--graceful-timeout",
+            "15",
+            "--workers",
+            "2",
+            "app:app",
+        ],
+        &[],
+    );
+    let addr = sup.listen_addr();
+    sup.wait_ready(1);
+    for _ in 0..5 {
+        assert_eq!(served_gen(addr), 1);
+    }
+    sup.signal(libc::SIGHUP);
+    sup.wait_ready(2);
+    sup.wait_gen(1, "exited with status 0");
+    for _ in 0..5 {
+        assert_eq!(served_gen(addr), 2);
+    }
+    sup.signal(libc::SIGTERM);
+    assert!(sup.wait_exit().success(), "{:?}", sup.lines());
+}
+
 #[test]
 fn notify_modes_dgram_and_stream_both_work() {
     for mode in ["dgram", "stream"] {
