@@ -601,16 +601,36 @@ fn a_worker_that_shuts_the_listeners_down_does_not_stop_the_service() {
     let unix = dir.join("web.sock");
     let unix_arg = format!("unix:{}", unix.display());
     let (sup, addr, _) = start(&dir, &["--listen", &unix_arg], &[]);
-    // fd 3 twice, as a prefork server's processes might (the second
-    // leaves the closed socket marked shut down until it is reset).
-    let script = "import socket, sys\n\
-                  tcp, unix = socket.socket(fileno=3), socket.socket(fileno=4)\n\
-                  for s in (tcp, tcp, unix):\n\
-                  \x20   try: s.shutdown(socket.SHUT_RDWR)\n\
-                  \x20   except OSError: pass\n\
-                  sys.exit(1)\n";
-    let out = cf(&dir, "deploy", &["--", "python3", "-c", script]);
-    assert_eq!(out.code(), 1, "{out:?}");
+    // fd 3 twice, as a prefork server's processes might: the second
+    // leaves the closed socket marked shut down, and connections accepted
+    // after a plain listen(2) would inherit the mark. Both happen while
+    // the supervisor is stopped (SIGSTOP), so that its repair comes after
+    // them, as it would after any two that come close together.
+    let (gate, done) = (dir.join("gate"), dir.join("done"));
+    mkfifo(&gate);
+    let script = format!(
+        "import socket, sys\n\
+         open('{gate}').read()\n\
+         tcp, unix = socket.socket(fileno=3), socket.socket(fileno=4)\n\
+         for s in (tcp, tcp, unix):\n\
+         \x20   try: s.shutdown(socket.SHUT_RDWR)\n\
+         \x20   except OSError: pass\n\
+         open('{done}', 'w').close()\n\
+         sys.exit(1)\n",
+        gate = gate.display(),
+        done = done.display()
+    );
+    let argv: Vec<OsString> = ["python3", "-c", &script]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    let mut deploy = Bg::spawn(deploy_cmd(&dir, &argv));
+    deploy.wait_line("spawned gen 2");
+    kill(sup.pid as i32, libc::SIGSTOP);
+    release(&gate);
+    wait_until("both shutdowns done", || done.exists());
+    kill(sup.pid as i32, libc::SIGCONT);
+    assert_eq!(deploy.finish().code(), 1);
     sup.wait_line(&format!(
         "listener {addr} (fd 3) was shut down by a worker (shutdown(2) on it); listening again"
     ));
