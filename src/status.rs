@@ -110,6 +110,14 @@ fn text(s: &Supervisor, now: Instant) -> String {
             crate::log::printable(g.status_text.as_deref().unwrap_or(""))
         );
     }
+    if !s.known_strays.is_empty() {
+        let pids: Vec<String> = s.known_strays.iter().map(i32::to_string).collect();
+        let _ = writeln!(
+            o,
+            "outside every generation (left their group): pid {}",
+            pids.join(", ")
+        );
+    }
     let c = &s.counters;
     let _ = writeln!(
         o,
@@ -190,7 +198,7 @@ fn json(s: &Supervisor, now: Instant) -> String {
         .collect();
     let c = &s.counters;
     format!(
-        "{{\"pid\":{},\"version\":{},\"uptime_ms\":{},\"state\":{},\"serving\":{},\"active\":{},\"deploying\":{},\"command\":{},\"previous_command\":{},\"listeners\":[{}],\"generations\":[{}],\"counters\":{{\"deploys_ok\":{},\"deploys_failed\":{},\"crash_restarts\":{}}},\"last_failure\":{}}}",
+        "{{\"pid\":{},\"version\":{},\"uptime_ms\":{},\"state\":{},\"serving\":{},\"active\":{},\"deploying\":{},\"command\":{},\"previous_command\":{},\"listeners\":[{}],\"generations\":[{}],\"strays\":[{}],\"counters\":{{\"deploys_ok\":{},\"deploys_failed\":{},\"crash_restarts\":{}}},\"last_failure\":{}}}",
         std::process::id(),
         json_str(crate::cli::VERSION),
         ms(now - s.started),
@@ -204,6 +212,11 @@ fn json(s: &Supervisor, now: Instant) -> String {
             .map_or_else(|| "null".into(), json_argv),
         listeners.join(","),
         gens.join(","),
+        s.known_strays
+            .iter()
+            .map(i32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         c.deploys_ok,
         c.deploys_failed,
         c.crash_restarts,

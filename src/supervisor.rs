@@ -178,7 +178,7 @@ pub struct Supervisor {
     stop: Option<Stopping>,
     /// Children that left their generation's group (see
     /// `report_strays`), each logged once.
-    known_strays: Vec<i32>,
+    pub known_strays: Vec<i32>,
     /// Process groups that got SIGKILL after their generation was let go:
     /// what is left in them is dying, not a stray.
     killed_groups: Vec<i32>,

@@ -682,6 +682,15 @@ fn a_process_that_escaped_a_failed_generation_is_reported() {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no pid in {line}"));
     assert_served_by(addr, 1);
+    // `status` names it too, until it is gone.
+    let table = cf(&dir, "status", &[]).stdout;
+    assert!(
+        table.contains(&format!(
+            "outside every generation (left their group): pid {pid}\n"
+        )),
+        "{table}"
+    );
+    assert_eq!(json_field(&dir, "d['strays']"), format!("[{pid}]"));
     assert_eq!(cf(&dir, "stop", &[]).code(), 0);
     sup.wait_exit();
     // Dead: gone, or a zombie left to init (the supervisor does not wait
