@@ -54,6 +54,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Readiness this long resets the backoff.
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
+/// How often a TCP listener whose port another process took is tried again.
+const RELISTEN_EVERY: Duration = Duration::from_secs(1);
+
 /// How long a failed new generation gets between stop signal and SIGKILL.
 const FAILED_GRACE: Duration = Duration::from_secs(5);
 /// ERRNO= and EXTEND_TIMEOUT_USEC= lines logged per generation.
@@ -179,6 +182,8 @@ pub struct Supervisor {
     /// Children that left their generation's group (see
     /// `report_strays`), each logged once.
     pub known_strays: Vec<i32>,
+    /// When to try again the TCP listeners that could not listen again.
+    relisten_at: Option<Instant>,
     /// Process groups that got SIGKILL after their generation was let go:
     /// what is left in them is dying, not a stray.
     killed_groups: Vec<i32>,
@@ -237,6 +242,7 @@ impl Supervisor {
             booted: false,
             stop: None,
             known_strays: Vec::new(),
+            relisten_at: None,
             killed_groups: Vec::new(),
             exit_code: None,
             counters: Counters::default(),
@@ -285,7 +291,7 @@ impl Supervisor {
                 Source::Signals => reap |= self.on_signals(now),
                 Source::Control(fd) => self.on_control(fd, flags, now),
                 Source::Upstream => self.upstream.iter().for_each(Upstream::flush),
-                Source::Listener(i) => self.on_listener_hang_up(i, flags),
+                Source::Listener(i) => self.on_listener_hang_up(i, flags, now),
             }
         }
         if reap {
@@ -380,6 +386,7 @@ impl Supervisor {
         let control = self.control.as_ref().and_then(|c| c.deadline());
         gens.chain(self.restart_at)
             .chain(self.replace_at)
+            .chain(self.relisten_at)
             .chain(orphans)
             .chain(control)
             .min()
@@ -427,7 +434,7 @@ impl Supervisor {
     /// for every generation). Listen again at once, or say that
     /// connections to it are refused. Either way poll stops reporting it,
     /// so this cannot spin.
-    fn on_listener_hang_up(&mut self, i: usize, flags: PollFlags) {
+    fn on_listener_hang_up(&mut self, i: usize, flags: PollFlags, now: Instant) {
         let backlog = self.cfg.backlog;
         let Some(l) = self.listeners.get_mut(i) else {
             return;
@@ -449,10 +456,35 @@ impl Supervisor {
             Err(e) => {
                 l.unwatched = true;
                 l.dead = true;
+                // A TCP port another process took may come free again.
+                let retry = if l.tcp_addr.is_some() {
+                    self.relisten_at = Some(now + RELISTEN_EVERY);
+                    format!("; trying again every {}", format_duration(RELISTEN_EVERY))
+                } else {
+                    String::new()
+                };
                 warn!(
-                    "listener {} (fd {fd}) was shut down by a worker (shutdown(2) on it) and cannot listen again: {e}; connections to it are refused",
+                    "listener {} (fd {fd}) was shut down by a worker (shutdown(2) on it) and cannot listen again: {e}; connections to it are refused{retry}",
                     l.display
                 );
+            }
+        }
+    }
+
+    /// `relisten_at`: try the TCP listeners that could not listen again.
+    fn relisten(&mut self, now: Instant) {
+        self.relisten_at = None;
+        let backlog = self.cfg.backlog;
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            if !l.dead || l.tcp_addr.is_none() {
+                continue;
+            }
+            if l.listen_again(backlog).is_ok() {
+                (l.dead, l.unwatched) = (false, false);
+                let fd = listen::FIRST_FD + i as i32;
+                warn!("listener {} (fd {fd}) listens again", l.display);
+            } else {
+                self.relisten_at = Some(now + RELISTEN_EVERY);
             }
         }
     }
@@ -1152,6 +1184,9 @@ impl Supervisor {
         }
         if self.restart_at.is_some_and(|t| t <= now) {
             self.start_deploy(Target::Current, Origin::CrashRestart, Vec::new(), now);
+        }
+        if self.relisten_at.is_some_and(|t| t <= now) {
+            self.relisten(now);
         }
         if self.replace_at.is_some_and(|t| t <= now) {
             self.replace_at = None;

@@ -657,6 +657,52 @@ fn a_worker_that_shuts_the_listeners_down_does_not_stop_the_service() {
     );
 }
 
+/// A TCP listener shut down by a worker whose port another process takes
+/// before the supervisor can bind it again: refused meanwhile (and
+/// `status --check` says so), listening again once the port is free.
+#[test]
+fn a_listener_whose_port_was_taken_listens_again_when_it_is_free() {
+    let dir = TempDir::new("ctl-squat");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let (gate, done) = (dir.join("gate"), dir.join("done"));
+    mkfifo(&gate);
+    let script = format!(
+        "import socket, sys\n\
+         open('{gate}').read()\n\
+         socket.socket(fileno=3).shutdown(socket.SHUT_RDWR)\n\
+         open('{done}', 'w').close()\n\
+         sys.exit(1)\n",
+        gate = gate.display(),
+        done = done.display()
+    );
+    let argv: Vec<OsString> = ["python3", "-c", &script]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    let mut deploy = Bg::spawn(deploy_cmd(&dir, &argv));
+    deploy.wait_line("spawned gen 2");
+    // The supervisor is stopped while the worker shuts fd 3 down and
+    // someone else binds the port the kernel had chosen for it.
+    kill(sup.pid as i32, libc::SIGSTOP);
+    release(&gate);
+    wait_until("the shutdown done", || done.exists());
+    let squatter = std::net::TcpListener::bind(addr).expect("the port is free after the shutdown");
+    kill(sup.pid as i32, libc::SIGCONT);
+    assert_eq!(deploy.finish().code(), 1);
+    let line = sup.wait_line(&format!("listener {addr} (fd 3) was shut down by a worker"));
+    assert!(
+        line.ends_with("; connections to it are refused; trying again every 1s"),
+        "{line}"
+    );
+    let out = cf(&dir, "status", &["--check"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert_eq!(out.stdout, format!("listener {addr} is not listening\n"));
+    drop(squatter);
+    sup.wait_line(&format!("listener {addr} (fd 3) listens again"));
+    assert_served_by(addr, 1);
+    assert_eq!(cf(&dir, "status", &["--check"]).code(), 0);
+}
+
 /// A failed deploy's worker that leaves a `setsid` child behind: the
 /// child is nobody's generation (it could be accepting on the shared
 /// socket, serving the rejected version), so the operator is told at once,
