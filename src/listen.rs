@@ -218,10 +218,14 @@ impl Listener {
             .and_then(|a| SocketAddr::try_from(a).ok());
         match now {
             Some(a) if a == addr => Ok(()),
-            other => Err(format!(
-                "it listens on {} instead",
-                other.map_or_else(|| "?".into(), |a| a.to_string())
-            )),
+            other => {
+                // Not on a port of ours: stop listening there.
+                let _ = net::connect_unspec(&self.fd);
+                Err(format!(
+                    "it listens on {} instead",
+                    other.map_or_else(|| "?".into(), |a| a.to_string())
+                ))
+            }
         }
     }
 }

@@ -1445,12 +1445,15 @@ fn two_hundred_silent_clients_do_not_lock_out_status() {
 fn clients_that_never_read_their_reply_do_not_lock_out_status() {
     let dir = TempDir::new("ctl-unread");
     let (sup, addr, _) = start(&dir, &[], &[]);
-    // A current command whose status --json is ~480 KB: each byte 0x01
-    // of its unused argument is six bytes of JSON (\u0001).
+    // A current command whose status --json is ~360 KB, more than a
+    // socket buffer takes: each byte 0xff of its unused argument is three
+    // bytes of JSON (U+FFFD), cheap to render 128 times on a busy machine
+    // (the first replies must not reach their 30 s timeout before the
+    // last is queued).
     let argv: Vec<OsString> = ["sh", "-c", "exec \"$0\"", worker()]
         .into_iter()
         .map(OsString::from)
-        .chain([OsString::from("\x01".repeat(80_000))])
+        .chain([OsString::from_vec(vec![0xff; 120_000])])
         .collect();
     let out = run_client(deploy_cmd(&dir, &argv));
     assert_eq!(out.code(), 0, "{out:?}");

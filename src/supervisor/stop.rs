@@ -134,8 +134,10 @@ impl Supervisor {
     /// the stop signals it).
     fn report_strays(&mut self) {
         // A group emptied by its SIGKILL needs no more excusing.
-        self.killed_groups
-            .retain(|&pg| crate::sys::kill(-pg, 0).is_ok());
+        // (EPERM: a member runs a setuid program; still alive.)
+        self.killed_groups.retain(|&pg| {
+            !matches!(crate::sys::kill(-pg, 0), Err(e) if e.raw_os_error() == Some(libc::ESRCH))
+        });
         let strays = reap::orphans(&self.gens, &self.killed_groups);
         for &pid in &strays {
             if self.known_strays.contains(&pid) {
@@ -186,6 +188,7 @@ impl Supervisor {
             }
         }
         stop.strays = !strays.is_empty();
+        self.known_strays = strays;
         stop.orphan_deadline = (stop.strays && !kill_now).then_some(stop.deadline);
     }
 }
