@@ -590,6 +590,40 @@ fn stopping_before_ready_fails_the_deploy_closed() {
     assert_eq!(cf(&dir, "status", &["--check"]).code(), 0);
 }
 
+/// A deploy whose worker, while the supervisor is stopped (SIGSTOP), runs
+/// shutdown(SHUT_RDWR) on each of `fds` in turn (repeats allowed) and
+/// exits 1; `meanwhile` runs before the supervisor continues, so the
+/// supervisor sees everything only once it is all done. Returns when the
+/// deploy has failed.
+fn deploy_shutting_down(dir: &TempDir, sup: &Supervisor, fds: &[i32], meanwhile: impl FnOnce()) {
+    let (gate, done) = (dir.join("gate"), dir.join("done"));
+    mkfifo(&gate);
+    let script = format!(
+        "import socket, sys\n\
+         open('{gate}').read()\n\
+         socks = {{fd: socket.socket(fileno=fd) for fd in set({fds:?})}}\n\
+         for fd in {fds:?}:\n\
+         \x20   try: socks[fd].shutdown(socket.SHUT_RDWR)\n\
+         \x20   except OSError: pass\n\
+         open('{done}', 'w').close()\n\
+         sys.exit(1)\n",
+        gate = gate.display(),
+        done = done.display()
+    );
+    let argv: Vec<OsString> = ["python3", "-c", &script]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    let mut deploy = Bg::spawn(deploy_cmd(dir, &argv));
+    deploy.wait_line("spawned gen 2");
+    kill(sup.pid as i32, libc::SIGSTOP);
+    release(&gate);
+    wait_until("the shutdowns done", || done.exists());
+    meanwhile();
+    kill(sup.pid as i32, libc::SIGCONT);
+    assert_eq!(deploy.finish().code(), 1);
+}
+
 /// shutdown(2) on a listening socket disconnects it for every process
 /// holding it: a failed deploy's worker doing that to its fds would stop
 /// the generation that serves. The TCP listener listens again at once
@@ -606,31 +640,7 @@ fn a_worker_that_shuts_the_listeners_down_does_not_stop_the_service() {
     // after a plain listen(2) would inherit the mark. Both happen while
     // the supervisor is stopped (SIGSTOP), so that its repair comes after
     // them, as it would after any two that come close together.
-    let (gate, done) = (dir.join("gate"), dir.join("done"));
-    mkfifo(&gate);
-    let script = format!(
-        "import socket, sys\n\
-         open('{gate}').read()\n\
-         tcp, unix = socket.socket(fileno=3), socket.socket(fileno=4)\n\
-         for s in (tcp, tcp, unix):\n\
-         \x20   try: s.shutdown(socket.SHUT_RDWR)\n\
-         \x20   except OSError: pass\n\
-         open('{done}', 'w').close()\n\
-         sys.exit(1)\n",
-        gate = gate.display(),
-        done = done.display()
-    );
-    let argv: Vec<OsString> = ["python3", "-c", &script]
-        .iter()
-        .map(OsString::from)
-        .collect();
-    let mut deploy = Bg::spawn(deploy_cmd(&dir, &argv));
-    deploy.wait_line("spawned gen 2");
-    kill(sup.pid as i32, libc::SIGSTOP);
-    release(&gate);
-    wait_until("both shutdowns done", || done.exists());
-    kill(sup.pid as i32, libc::SIGCONT);
-    assert_eq!(deploy.finish().code(), 1);
+    deploy_shutting_down(&dir, &sup, &[3, 3, 4], || {});
     sup.wait_line(&format!(
         "listener {addr} (fd 3) was shut down by a worker (shutdown(2) on it); listening again"
     ));
@@ -664,31 +674,13 @@ fn a_worker_that_shuts_the_listeners_down_does_not_stop_the_service() {
 fn a_listener_whose_port_was_taken_listens_again_when_it_is_free() {
     let dir = TempDir::new("ctl-squat");
     let (sup, addr, _) = start(&dir, &[], &[]);
-    let (gate, done) = (dir.join("gate"), dir.join("done"));
-    mkfifo(&gate);
-    let script = format!(
-        "import socket, sys\n\
-         open('{gate}').read()\n\
-         socket.socket(fileno=3).shutdown(socket.SHUT_RDWR)\n\
-         open('{done}', 'w').close()\n\
-         sys.exit(1)\n",
-        gate = gate.display(),
-        done = done.display()
-    );
-    let argv: Vec<OsString> = ["python3", "-c", &script]
-        .iter()
-        .map(OsString::from)
-        .collect();
-    let mut deploy = Bg::spawn(deploy_cmd(&dir, &argv));
-    deploy.wait_line("spawned gen 2");
-    // The supervisor is stopped while the worker shuts fd 3 down and
-    // someone else binds the port the kernel had chosen for it.
-    kill(sup.pid as i32, libc::SIGSTOP);
-    release(&gate);
-    wait_until("the shutdown done", || done.exists());
-    let squatter = std::net::TcpListener::bind(addr).expect("the port is free after the shutdown");
-    kill(sup.pid as i32, libc::SIGCONT);
-    assert_eq!(deploy.finish().code(), 1);
+    // Someone else binds the port the kernel had chosen for fd 3 while
+    // the supervisor is stopped.
+    let mut squatter = None;
+    deploy_shutting_down(&dir, &sup, &[3], || {
+        squatter =
+            Some(std::net::TcpListener::bind(addr).expect("the port is free after the shutdown"));
+    });
     let line = sup.wait_line(&format!("listener {addr} (fd 3) was shut down by a worker"));
     assert!(
         line.ends_with("; connections to it are refused; trying again every 1s"),
