@@ -213,10 +213,7 @@ impl Listener {
             Err(e) => return Err(format!("binding {addr} again: {e}")),
         }
         net::listen(&self.fd, backlog).map_err(|e| format!("listening again: {e}"))?;
-        let now = net::getsockname(&self.fd)
-            .ok()
-            .and_then(|a| SocketAddr::try_from(a).ok());
-        match now {
+        match inet_name(&self.fd) {
             Some(a) if a == addr => Ok(()),
             other => {
                 // Not on a port of ours: stop listening there.
@@ -350,15 +347,20 @@ fn open(spec: &Spec, backlog: i32) -> Result<Listener> {
     }
 }
 
+/// The IPv4/IPv6 address `fd` is bound to (None for a unix socket).
+fn inet_name(fd: &OwnedFd) -> Option<SocketAddr> {
+    net::getsockname(fd)
+        .ok()
+        .and_then(|a| SocketAddr::try_from(a).ok())
+}
+
 fn tcp_listener(addr: SocketAddr, backlog: i32, name: String) -> Result<Listener> {
     let fd = bind_tcp(addr, backlog).map_err(|(e, what)| Error::os(format!("{what} {addr}"), e))?;
     finish_tcp(fd, name)
 }
 
 fn finish_tcp(fd: OwnedFd, name: String) -> Result<Listener> {
-    let tcp_addr = net::getsockname(&fd)
-        .ok()
-        .and_then(|a| SocketAddr::try_from(a).ok());
+    let tcp_addr = inet_name(&fd);
     Ok(Listener {
         fd,
         name,
@@ -516,9 +518,7 @@ fn adopt(fd: RawFd, name: String) -> Result<Listener> {
     };
     // The original goes away when parking replaces it; the duplicate holds
     // the socket meanwhile.
-    let tcp_addr = net::getsockname(&dup)
-        .ok()
-        .and_then(|a| SocketAddr::try_from(a).ok());
+    let tcp_addr = inet_name(&dup);
     Ok(Listener {
         fd: dup,
         name,
