@@ -21,8 +21,9 @@
 //! Past start-up nothing here is fatal: a misbehaving worker or client
 //! is logged and its generation or connection changes state.
 //!
-//! The stop (`stop`) and control requests (`requests`) are `Supervisor`
-//! methods in child modules of their own.
+//! The stop (`stop`), control requests (`requests`) and the repair of
+//! listeners a worker shut down (`listeners`) are `Supervisor` methods
+//! in child modules of their own.
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, RawFd};
@@ -35,7 +36,7 @@ use rustix::io::Errno;
 use crate::cli::{OnCrash, RunConfig, format_duration};
 use crate::control::{self, ClientId, Control};
 use crate::generation::{Exit, Generation, State};
-use crate::listen::{self, Listener};
+use crate::listen::Listener;
 use crate::notify::{self, Event, Message, NotifySocket};
 use crate::reap;
 use crate::rundir::RunDir;
@@ -44,6 +45,7 @@ use crate::spawn;
 use crate::upstream::Upstream;
 use crate::{debug, info, warn};
 
+mod listeners;
 mod requests;
 mod stop;
 
@@ -54,8 +56,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Readiness this long resets the backoff.
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
-/// How often a TCP listener whose port another process took is tried again.
-const RELISTEN_EVERY: Duration = Duration::from_secs(1);
 
 /// How long a failed new generation gets between stop signal and SIGKILL.
 const FAILED_GRACE: Duration = Duration::from_secs(5);
@@ -427,66 +427,6 @@ impl Supervisor {
             }
         }
         reap
-    }
-
-    /// Poll saw listener `i` hang up (HUP for TCP, RDHUP for unix): a
-    /// worker shut it down (shutdown(2) on its fd 3 disconnects the socket
-    /// for every generation). Listen again at once, or say that
-    /// connections to it are refused. Either way poll stops reporting it,
-    /// so this cannot spin.
-    fn on_listener_hang_up(&mut self, i: usize, flags: PollFlags, now: Instant) {
-        let backlog = self.cfg.backlog;
-        let Some(l) = self.listeners.get_mut(i) else {
-            return;
-        };
-        let fd = listen::FIRST_FD + i as i32;
-        if !flags.intersects(PollFlags::HUP | PollFlags::RDHUP) {
-            debug!(
-                "listener {} (fd {fd}) reports {flags:?}; no longer watched",
-                l.display
-            );
-            l.unwatched = true;
-            return;
-        }
-        match l.listen_again(backlog) {
-            Ok(()) => warn!(
-                "listener {} (fd {fd}) was shut down by a worker (shutdown(2) on it); listening again",
-                l.display
-            ),
-            Err(e) => {
-                l.unwatched = true;
-                l.dead = true;
-                // A TCP port another process took may come free again.
-                let retry = if l.tcp_addr.is_some() {
-                    self.relisten_at = Some(now + RELISTEN_EVERY);
-                    format!("; trying again every {}", format_duration(RELISTEN_EVERY))
-                } else {
-                    String::new()
-                };
-                warn!(
-                    "listener {} (fd {fd}) was shut down by a worker (shutdown(2) on it) and cannot listen again: {e}; connections to it are refused{retry}",
-                    l.display
-                );
-            }
-        }
-    }
-
-    /// `relisten_at`: try the TCP listeners that could not listen again.
-    fn relisten(&mut self, now: Instant) {
-        self.relisten_at = None;
-        let backlog = self.cfg.backlog;
-        for (i, l) in self.listeners.iter_mut().enumerate() {
-            if !l.dead || l.tcp_addr.is_none() {
-                continue;
-            }
-            if l.listen_again(backlog).is_ok() {
-                (l.dead, l.unwatched) = (false, false);
-                let fd = listen::FIRST_FD + i as i32;
-                warn!("listener {} (fd {fd}) listens again", l.display);
-            } else {
-                self.relisten_at = Some(now + RELISTEN_EVERY);
-            }
-        }
     }
 
     // ---- deploys -------------------------------------------------------
