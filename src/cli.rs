@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use lexopt::prelude::*;
 
-use crate::control;
 use crate::listen;
+use crate::protocol;
 use crate::signals;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -369,18 +369,18 @@ fn parse_deploy(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
             return Err(Usage("deploy: the worker command is empty".into()));
         }
         // What the supervisor would refuse, refused here as what it is.
-        if c.len() > control::MAX_ARGS {
+        if c.len() > protocol::MAX_ARGS {
             return Err(Usage(format!(
                 "deploy: the command has {} words; at most {} go over the control socket",
                 c.len(),
-                control::MAX_ARGS
+                protocol::MAX_ARGS
             )));
         }
-        let size = control::encode_request("deploy", None, Some(c)).len();
-        if size > control::MAX_REQUEST {
+        let size = protocol::encode_request("deploy", None, Some(c)).len();
+        if size > protocol::MAX_REQUEST {
             return Err(Usage(format!(
                 "deploy: the command is too long ({size} bytes as a request; at most {} KiB go over the control socket)",
-                control::MAX_REQUEST / 1024
+                protocol::MAX_REQUEST / 1024
             )));
         }
     }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::control;
+use crate::protocol;
 
 /// Exit code when no supervisor answers.
 pub const NO_SUPERVISOR: i32 = 3;
@@ -33,7 +34,7 @@ pub fn deploy(
     timeout: Option<Duration>,
     command: Option<Vec<OsString>>,
 ) -> i32 {
-    let req = control::encode_request("deploy", None, command.as_deref());
+    let req = protocol::encode_request("deploy", None, command.as_deref());
     finish(exchange(control, &req, timeout, &mut |kind, text| {
         if kind == "progress" {
             crate::log::out(text);
@@ -42,7 +43,7 @@ pub fn deploy(
 }
 
 pub fn rollback(control: Option<PathBuf>) -> i32 {
-    let req = control::encode_request("rollback", None, None);
+    let req = protocol::encode_request("rollback", None, None);
     finish(exchange(control, &req, None, &mut |kind, text| {
         if kind == "progress" {
             crate::log::out(text);
@@ -57,7 +58,7 @@ pub fn status(control: Option<PathBuf>, json: bool, check: bool) -> i32 {
         (false, true) => "check",
         (false, false) => "text",
     };
-    let req = control::encode_request("status", Some(param), None);
+    let req = protocol::encode_request("status", Some(param), None);
     let mut data = false;
     let result = exchange(
         control,
@@ -89,7 +90,7 @@ pub fn status(control: Option<PathBuf>, json: bool, check: bool) -> i32 {
 }
 
 pub fn stop(control: Option<PathBuf>) -> i32 {
-    let req = control::encode_request("stop", None, None);
+    let req = protocol::encode_request("stop", None, None);
     let mut supervisor = None;
     let result = exchange_with(control, &req, None, &mut |_, _| {}, &mut |stream| {
         // Learn who answers so that we can wait for it to be gone: the
@@ -270,14 +271,14 @@ fn exchange_with(
             line.clear();
         }
         // No reply line is longer than the supervisor queues for a client.
-        let room = control::MAX_OUTPUT.saturating_sub(line.len());
+        let room = protocol::MAX_OUTPUT.saturating_sub(line.len());
         match std::io::Read::take(&mut reader, room as u64).read_until(b'\n', &mut line) {
-            Ok(_) if line.len() >= control::MAX_OUTPUT && !line.ends_with(b"\n") => {
+            Ok(_) if line.len() >= protocol::MAX_OUTPUT && !line.ends_with(b"\n") => {
                 return Err((
                     1,
                     format!(
                         "the supervisor at {shown} sent a reply line longer than {} KiB",
-                        control::MAX_OUTPUT / 1024
+                        protocol::MAX_OUTPUT / 1024
                     ),
                 ));
             }

@@ -83,3 +83,40 @@ macro_rules! debug {
 macro_rules! warn {
     ($($t:tt)*) => { $crate::log::line(format_args!($($t)*)) };
 }
+
+/// Render argv for a log line, quoting words that need it.
+pub fn shell_words(argv: &[std::ffi::OsString]) -> String {
+    argv.iter()
+        .map(|a| {
+            let s = a.to_string_lossy();
+            let plain = !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+            if plain {
+                s.into_owned()
+            } else {
+                format!("'{}'", crate::log::printable(&s).replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words() {
+        assert_eq!(shell_words(&["node".into(), "a b".into()]), "node 'a b'");
+        assert_eq!(
+            shell_words(&[
+                "it's".into(),
+                "a\nb".into(),
+                "\x1b[31mred\x7f".into(),
+                r"a\b".into()
+            ]),
+            r"'it'\''s' 'a\nb' '\u{1b}[31mred\u{7f}' 'a\\b'"
+        );
+    }
+}

@@ -14,6 +14,7 @@ mod generation;
 mod listen;
 mod log;
 mod notify;
+mod protocol;
 mod reap;
 mod run;
 mod rundir;

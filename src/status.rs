@@ -5,7 +5,8 @@
 use std::fmt::Write;
 use std::time::{Duration, Instant};
 
-use crate::control::{StatusFormat, shell_words};
+use crate::log::shell_words;
+use crate::protocol::StatusFormat;
 use crate::supervisor::Supervisor;
 
 /// The body of a status reply (`data` lines; none for `check`).

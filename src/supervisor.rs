@@ -35,7 +35,7 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::io::Errno;
 
 use crate::cli::{OnCrash, RunConfig, format_duration};
-use crate::control::{self, ClientId, Control};
+use crate::control::{ClientId, Control};
 use crate::generation::{Exit, Generation, State};
 use crate::listen::Listener;
 use crate::notify::NotifySocket;
@@ -507,7 +507,7 @@ impl Supervisor {
             Target::Command(c) => c,
             Target::Rollback => match self.previous_cmd.clone() {
                 Some(c) => {
-                    let line = format!("rolling back to: {}", control::shell_words(&c));
+                    let line = format!("rolling back to: {}", crate::log::shell_words(&c));
                     for &id in &waiters {
                         self.tell(id, &line);
                     }
@@ -582,7 +582,7 @@ impl Supervisor {
             killed: false,
         };
         info!("{} spawned", g.tag());
-        debug!("{} command: {}", g.tag(), control::shell_words(&command));
+        debug!("{} command: {}", g.tag(), crate::log::shell_words(&command));
         let line = format!("spawned gen {n} pid {}", g.pid);
         self.gens.push(g);
         for &id in &waiters {

@@ -9,7 +9,8 @@ use std::time::Instant;
 use rustix::event::PollFlags;
 
 use super::{Origin, Supervisor, Target};
-use crate::control::{self, ClientId, Request};
+use crate::control::ClientId;
+use crate::protocol::{Request, StatusFormat};
 
 impl Supervisor {
     pub(super) fn on_control(&mut self, fd: RawFd, flags: PollFlags, now: Instant) {
@@ -39,7 +40,7 @@ impl Supervisor {
                         c.data(id, body);
                     }
                     match format {
-                        control::StatusFormat::Check | control::StatusFormat::JsonCheck => {
+                        StatusFormat::Check | StatusFormat::JsonCheck => {
                             c.finish(id, healthy, &verdict)
                         }
                         _ => c.finish(id, true, ""),
