@@ -173,19 +173,44 @@ pub enum Command {
 }
 
 /// A usage error: one line naming what was wrong, ending with where to
-/// look. `main` prints it and exits 2.
+/// look (the command's own `--help` once the command is known). `main`
+/// prints it and exits 2.
 #[derive(Debug)]
-pub struct Usage(pub String);
+pub struct Usage {
+    what: String,
+    command: Option<&'static str>,
+}
+
+impl Usage {
+    pub fn new(what: impl Into<String>) -> Usage {
+        Usage {
+            what: what.into(),
+            command: None,
+        }
+    }
+
+    /// The error as one of `command`'s.
+    pub fn of(mut self, command: &'static str) -> Usage {
+        self.command.get_or_insert(command);
+        self
+    }
+}
 
 impl std::fmt::Display for Usage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (see 'containerflip --help')", self.0)
+        // The words came from the command line: a newline or an escape
+        // in them must not break the one line or reach the terminal.
+        let what = crate::log::printable(&self.what);
+        match self.command {
+            Some(c) => write!(f, "{c}: {what} (see 'containerflip {c} --help')"),
+            None => write!(f, "{what} (see 'containerflip --help')"),
+        }
     }
 }
 
 impl From<lexopt::Error> for Usage {
     fn from(e: lexopt::Error) -> Usage {
-        Usage(e.to_string())
+        Usage::new(e.to_string())
     }
 }
 
@@ -195,24 +220,34 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command> {
     let args: Vec<OsString> = args.into_iter().collect();
     let mut p = lexopt::Parser::from_iter(args.clone());
     match p.next()? {
-        None => Err(Usage(
-            "missing command: run, deploy, rollback, status or stop".into(),
+        None => Err(Usage::new(
+            "missing command: run, deploy, rollback, status or stop",
         )),
-        Some(Short('h') | Long("help")) => Ok(Command::Help(HELP)),
-        Some(Short('V') | Long("version")) => Ok(Command::Version),
+        Some(Short('h') | Long("help")) => alone(p, Command::Help(HELP)),
+        Some(Short('V') | Long("version")) => alone(p, Command::Version),
         Some(Value(cmd)) => match cmd.to_str() {
-            Some("run") => parse_run(p, &args),
-            Some("deploy") => parse_deploy(p, &args),
+            Some("run") => parse_run(p, &args).map_err(|e| e.of("run")),
+            Some("deploy") => parse_deploy(p, &args).map_err(|e| e.of("deploy")),
             Some("rollback") => {
                 parse_control_only(p, ROLLBACK_HELP, |control| Command::Rollback { control })
+                    .map_err(|e| e.of("rollback"))
             }
-            Some("stop") => parse_control_only(p, STOP_HELP, |control| Command::Stop { control }),
-            Some("status") => parse_status(p),
-            _ => Err(Usage(format!(
+            Some("stop") => parse_control_only(p, STOP_HELP, |control| Command::Stop { control })
+                .map_err(|e| e.of("stop")),
+            Some("status") => parse_status(p).map_err(|e| e.of("status")),
+            _ => Err(Usage::new(format!(
                 "unknown command '{}'",
                 cmd.to_string_lossy()
             ))),
         },
+        Some(arg) => Err(arg.unexpected().into()),
+    }
+}
+
+/// `--help` and `--version` take nothing after them.
+fn alone(mut p: lexopt::Parser, command: Command) -> Result<Command> {
+    match p.next()? {
+        None => Ok(command),
         Some(arg) => Err(arg.unexpected().into()),
     }
 }
@@ -222,7 +257,6 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command> {
 /// before `--` that is followed by a `--` is a mistake
 /// (`--ready-timeout 5 s -- x`), never the start of the command.
 fn worker_command(
-    verb: &str,
     first: OsString,
     p: &mut lexopt::Parser,
     args: &[OsString],
@@ -231,8 +265,8 @@ fn worker_command(
     let at = args.len() - rest.len() - 1;
     let after_separator = at > 0 && args[at - 1] == "--";
     if !after_separator && rest.iter().any(|a| a == "--") {
-        return Err(Usage(format!(
-            "{verb}: unexpected argument '{}' before '--' (options come first, then '--' and the worker command)",
+        return Err(Usage::new(format!(
+            "unexpected argument '{}' before '--' (options come first, then '--' and the worker command)",
             first.to_string_lossy()
         )));
     }
@@ -261,11 +295,16 @@ fn parse_run(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
         match arg {
             Short('l') | Long("listen") => {
                 let v = string(&mut p, "--listen")?;
-                let spec =
-                    listen::Spec::parse(&v).map_err(|e| Usage(format!("--listen '{v}': {e}")))?;
+                let spec = listen::Spec::parse(&v)
+                    .map_err(|e| Usage::new(format!("--listen '{v}': {e}")))?;
                 if c.listen.iter().any(|l| l.addr.clashes(&spec.addr)) {
-                    return Err(Usage(format!(
-                        "--listen '{v}': that address (or its port on all addresses) is already given"
+                    let what = match spec.addr {
+                        listen::Addr::Unix(_) => "that socket path",
+                        listen::Addr::Fd(_) => "that descriptor",
+                        _ => "that address (or its port on all addresses)",
+                    };
+                    return Err(Usage::new(format!(
+                        "--listen '{v}': {what} is already given"
                     )));
                 }
                 c.listen.push(spec);
@@ -273,7 +312,7 @@ fn parse_run(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
             Long("backlog") => {
                 let v = string(&mut p, "--backlog")?;
                 c.backlog = v.parse::<i32>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                    Usage(format!("--backlog: expected a positive number, got '{v}'"))
+                    Usage::new(format!("--backlog: expected a positive number, got '{v}'"))
                 })?;
             }
             Long("notify-mode") => {
@@ -281,7 +320,7 @@ fn parse_run(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
                     "dgram" => NotifyMode::Dgram,
                     "stream" => NotifyMode::Stream,
                     v => {
-                        return Err(Usage(format!(
+                        return Err(Usage::new(format!(
                             "--notify-mode: expected dgram or stream, got '{v}'"
                         )));
                     }
@@ -296,21 +335,20 @@ fn parse_run(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
                 // Unlike --ready-timeout 0 (wait forever), a zero here would
                 // SIGKILL every retiring generation at once: say so.
                 if c.drain_timeout.is_zero() {
-                    return Err(Usage(
-                        "--drain-timeout: must be more than 0 (a drain needs time to finish requests)"
-                            .into(),
+                    return Err(Usage::new(
+                        "--drain-timeout: must be more than 0 (a drain needs time to finish requests)",
                     ));
                 }
             }
             Long("stop-signal") => {
                 let v = string(&mut p, "--stop-signal")?;
                 c.stop_signal = signals::parse(&v).ok_or_else(|| {
-                    Usage(format!(
+                    Usage::new(format!(
                         "--stop-signal: expected a signal name or number, got '{v}'"
                     ))
                 })?;
                 if !signals::ends_by_default(c.stop_signal) {
-                    return Err(Usage(format!(
+                    return Err(Usage::new(format!(
                         "--stop-signal: {} does not end a process that leaves it unhandled \
                          (it is ignored or stops it by default)",
                         signals::name(c.stop_signal)
@@ -322,7 +360,7 @@ fn parse_run(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
                     "restart" => OnCrash::Restart,
                     "exit" => OnCrash::Exit,
                     v => {
-                        return Err(Usage(format!(
+                        return Err(Usage::new(format!(
                             "--on-crash: expected restart or exit, got '{v}'"
                         )));
                     }
@@ -335,15 +373,15 @@ fn parse_run(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
             Short('q') | Long("quiet") => c.verbosity = 0,
             Short('v') | Long("verbose") => c.verbosity = 2,
             Short('h') | Long("help") => return Ok(Command::Help(RUN_HELP)),
-            Value(first) => c.command = worker_command("run", first, &mut p, args)?,
+            Value(first) => c.command = worker_command(first, &mut p, args)?,
             _ => return Err(arg.unexpected().into()),
         }
     }
     if c.command.is_empty() {
-        return Err(Usage("run: missing the worker command after '--'".into()));
+        return Err(Usage::new("missing the worker command after '--'"));
     }
     if c.command[0].is_empty() {
-        return Err(Usage("run: the worker command is empty".into()));
+        return Err(Usage::new("the worker command is empty"));
     }
     Ok(Command::Run(c))
 }
@@ -360,26 +398,26 @@ fn parse_deploy(mut p: lexopt::Parser, args: &[OsString]) -> Result<Command> {
                 timeout = Some(duration(&mut p, "--timeout")?).filter(|d| !d.is_zero());
             }
             Short('h') | Long("help") => return Ok(Command::Help(DEPLOY_HELP)),
-            Value(first) => command = Some(worker_command("deploy", first, &mut p, args)?),
+            Value(first) => command = Some(worker_command(first, &mut p, args)?),
             _ => return Err(arg.unexpected().into()),
         }
     }
     if let Some(c) = &command {
         if c[0].is_empty() {
-            return Err(Usage("deploy: the worker command is empty".into()));
+            return Err(Usage::new("the worker command is empty"));
         }
         // What the supervisor would refuse, refused here as what it is.
         if c.len() > protocol::MAX_ARGS {
-            return Err(Usage(format!(
-                "deploy: the command has {} words; at most {} go over the control socket",
+            return Err(Usage::new(format!(
+                "the command has {} words; at most {} go over the control socket",
                 c.len(),
                 protocol::MAX_ARGS
             )));
         }
         let size = protocol::encode_request("deploy", None, Some(c)).len();
         if size > protocol::MAX_REQUEST {
-            return Err(Usage(format!(
-                "deploy: the command is too long ({size} bytes as a request; at most {} KiB go over the control socket)",
+            return Err(Usage::new(format!(
+                "the command is too long ({size} bytes as a request; at most {} KiB go over the control socket)",
                 protocol::MAX_REQUEST / 1024
             )));
         }
@@ -431,20 +469,20 @@ fn parse_control_only(
 fn value(p: &mut lexopt::Parser, opt: &str) -> Result<OsString> {
     match p.value() {
         Ok(v) if v != "--" => Ok(v),
-        _ => Err(Usage(format!("{opt}: missing value"))),
+        _ => Err(Usage::new(format!("{opt}: missing value"))),
     }
 }
 
 fn string(p: &mut lexopt::Parser, opt: &str) -> Result<String> {
     let v = value(p, opt)?;
     v.into_string()
-        .map_err(|v| Usage(format!("{opt}: invalid UTF-8 in '{}'", v.to_string_lossy())))
+        .map_err(|v| Usage::new(format!("{opt}: invalid UTF-8 in '{}'", v.to_string_lossy())))
 }
 
 fn path(p: &mut lexopt::Parser, opt: &str) -> Result<PathBuf> {
     let v = value(p, opt)?;
     if v.is_empty() {
-        return Err(Usage(format!(
+        return Err(Usage::new(format!(
             "{opt}: expected a path, got an empty string"
         )));
     }
@@ -454,7 +492,7 @@ fn path(p: &mut lexopt::Parser, opt: &str) -> Result<PathBuf> {
 fn duration(p: &mut lexopt::Parser, opt: &str) -> Result<Duration> {
     let v = string(p, opt)?;
     parse_duration(&v).ok_or_else(|| {
-        Usage(format!(
+        Usage::new(format!(
             "{opt}: expected a duration like 500ms, 30s or 2m (at most 876000h), got '{v}'"
         ))
     })

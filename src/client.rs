@@ -172,7 +172,7 @@ fn exchange_with(
     connected: &mut dyn FnMut(&UnixStream),
 ) -> Result<Outcome, (i32, String)> {
     let path = path.unwrap_or_else(control::default_path);
-    let shown = path.display().to_string();
+    let shown = crate::log::printable(&path.to_string_lossy());
     // A stuck supervisor's full backlog would hold connect(2) for ever:
     // connecting is bounded like the first reply (and by --timeout).
     let connect_within = timeout.map_or(ACK_TIMEOUT, |t| t.min(ACK_TIMEOUT));

@@ -38,9 +38,12 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Paths and values in `doing` may come from the command line or
+        // the environment: escaped, they cannot break the one line.
+        let doing = crate::log::printable(&self.doing);
         match &self.cause {
-            Cause::Os(e) => write!(f, "unable to {}: {}", self.doing, os_message(e)),
-            Cause::Msg(m) => write!(f, "unable to {}: {}", self.doing, m),
+            Cause::Os(e) => write!(f, "unable to {doing}: {}", os_message(e)),
+            Cause::Msg(m) => write!(f, "unable to {doing}: {}", crate::log::printable(m)),
         }
     }
 }

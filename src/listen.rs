@@ -272,11 +272,19 @@ impl Inherited {
         if pid != Some(rustix::process::getpid().as_raw_nonzero().get()) {
             return Ok(Inherited::default());
         }
-        let count = std::env::var("LISTEN_FDS")
-            .ok()
-            .and_then(|n| n.parse::<i32>().ok())
-            .filter(|n| *n > 0)
-            .unwrap_or(0);
+        // Addressed to us, the count must make sense (sd_listen_fds(3)
+        // fails on it too): a typo must not read as "no sockets".
+        let raw = std::env::var_os("LISTEN_FDS").unwrap_or_default();
+        let count = match raw.to_str().map(|n| n.parse::<i32>()) {
+            _ if raw.is_empty() => 0,
+            Some(Ok(n)) if n >= 0 => n,
+            _ => {
+                return Err(Error::msg(
+                    format!("adopt LISTEN_FDS='{}'", raw.to_string_lossy()),
+                    "not a number of descriptors",
+                ));
+            }
+        };
         if count > MAX_INHERITED {
             return Err(Error::msg(
                 format!("adopt LISTEN_FDS={count}"),

@@ -20,10 +20,10 @@ pub fn run(cfg: RunConfig) -> i32 {
         // SPEC §2: a usage error, though only the environment tells.
         log::line(format_args!(
             "{}",
-            crate::cli::Usage(
-                "run: no --listen given and no sockets passed by socket activation (LISTEN_FDS)"
-                    .into()
+            crate::cli::Usage::new(
+                "no --listen given and no sockets passed by socket activation (LISTEN_FDS)"
             )
+            .of("run")
         ));
         return 2;
     }

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use rustix::pipe::{PipeFlags, pipe_with};
 use rustix::process::{Pid, PidfdFlags, pidfd_open};
 
+use crate::log::shell_words;
 use crate::sys;
 
 /// Environment keys addressed to the supervisor that a worker must not
@@ -232,8 +233,10 @@ pub fn failure_reason(
 ) -> String {
     let program = command.first().map(Path::new);
     let what = match stage {
-        sys::Stage::Exec => program.map(|p| crate::log::printable(&p.to_string_lossy())),
-        sys::Stage::Chdir => chdir.map(|d| d.display().to_string()),
+        sys::Stage::Exec => command
+            .first()
+            .map(|p| shell_words(std::slice::from_ref(p))),
+        sys::Stage::Chdir => chdir.map(|d| shell_words(&[d.into()])),
         _ => None,
     };
     let what = what.map_or_else(String::new, |w| format!(" {w}"));

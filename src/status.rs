@@ -32,7 +32,9 @@ pub fn verdict(s: &Supervisor) -> (bool, String) {
 }
 
 fn state(s: &Supervisor) -> &'static str {
-    if s.serving() {
+    if s.stopping() {
+        "stopping"
+    } else if s.serving() {
         "serving"
     } else if s.deploying().is_some() {
         "starting"

@@ -828,8 +828,9 @@ impl Supervisor {
                 }
             }
             spawn::ExecReport::Failed(stage, e) => {
+                // Said once, with the exit status, when it is reaped.
                 let why = spawn::failure_reason(stage, &e, &g.command, chdir.as_deref());
-                warn!("{} {why}", g.tag());
+                debug!("{} {why}", g.tag());
                 g.exec_error = Some(why);
             }
         }
@@ -870,7 +871,13 @@ impl Supervisor {
                     self.active = None;
                 }
             }
-            State::Draining | State::Failed => info!("{tag} exited with {exit}"),
+            State::Draining | State::Failed => {
+                match self.gen_mut(n).and_then(|g| g.exec_error.take()) {
+                    // Stopped before it could exec: why it never ran.
+                    Some(why) => warn!("{tag} {why} (exited with {exit})"),
+                    None => info!("{tag} exited with {exit}"),
+                }
+            }
         }
         if let Some(stop) = self.stop.as_mut() {
             if stop.active == Some(n) {
@@ -1062,6 +1069,11 @@ impl Supervisor {
         self.active
             .and_then(|n| self.gens.iter().find(|g| g.n == n))
             .is_some_and(|g| g.state == State::Ready && g.running() && !g.leaving)
+    }
+
+    /// A stop has begun: generations drain and nothing new starts.
+    pub fn stopping(&self) -> bool {
+        self.stop.is_some()
     }
 
     pub fn deploying(&self) -> Option<u64> {

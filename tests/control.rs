@@ -2108,6 +2108,11 @@ fn one_sigterm_after_stop_keeps_draining() {
     crate::common::wait_event(&sup.records, pid1, "signal 15");
     sup.signal(libc::SIGTERM);
     sup.wait_line("SIGTERM while stopping: still draining");
+    // status says so, and the health check fails: nothing new is served.
+    assert_eq!(json_field(&dir, "d['state']"), "\"stopping\"");
+    let text = cf(&dir, "status", &[]);
+    assert!(text.stdout.contains("stopping"), "{text:?}");
+    assert_eq!(cf(&dir, "status", &["--check"]).code(), 1);
     // The drain is intact: the held connection is answered and closed.
     let last = client.get("/").unwrap();
     assert_eq!(last.generation(), 1);

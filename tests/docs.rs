@@ -686,11 +686,26 @@ fn usage_errors_are_one_line_and_exit_2() {
             &["deploy", "--timeout", "5", "s", "--", "true"],
             "unexpected argument 's' before '--'",
         ),
+        (
+            &["run", "-l", "fd:3", "-l", "fd:03", "--", "true"],
+            "--listen 'fd:03': that descriptor is already given",
+        ),
+        (&["--version", "extra"], "extra"),
+        // The pointer names the command's own --help.
+        (&["status", "extra"], "(see 'containerflip status --help')"),
+        // Words from the command line are escaped: still one line, and
+        // no escape sequence reaches the terminal.
+        (&["run", "--li\nsten", "--", "true"], "'--li\\nsten'"),
+        (
+            &["run", "--on-crash", "\x1b[31m", "--", "true"],
+            "got '\\u{1b}[31m'",
+        ),
     ] {
         let out = Command::new(bin()).args(args).output().expect("run");
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(!err.contains('\x1b'), "{args:?}: {err}");
         assert!(
             err.contains("--help"),
             "{args:?}: no pointer to --help: {err}"

@@ -249,6 +249,42 @@ fn an_absurd_listen_fds_is_one_fatal_line() {
     );
 }
 
+/// A LISTEN_FDS addressed to the supervisor that is not a count is named
+/// as such, not taken for "no sockets passed".
+#[test]
+fn a_malformed_listen_fds_is_named() {
+    for (value, code, said) in [
+        (
+            "abc",
+            1,
+            "containerflip: fatal: unable to adopt LISTEN_FDS='abc': not a number of descriptors\n",
+        ),
+        (
+            "-1",
+            1,
+            "containerflip: fatal: unable to adopt LISTEN_FDS='-1': not a number of descriptors\n",
+        ),
+        (
+            "0",
+            2,
+            "containerflip: run: no --listen given and no sockets passed by socket activation (LISTEN_FDS) (see 'containerflip run --help')\n",
+        ),
+    ] {
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                "export LISTEN_PID=$$ LISTEN_FDS=\"$1\"; exec \"$0\" run -- true",
+                bin(),
+                value,
+            ])
+            .env_remove("CONTAINERFLIP_CONTROL")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{value}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), said, "{value}");
+    }
+}
+
 /// The Send-Q column of `ss -ltnH sport = :PORT`: a listener's backlog.
 fn ss_backlog(port: u16) -> Option<u32> {
     let out = Command::new("ss")

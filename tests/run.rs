@@ -1583,13 +1583,27 @@ fn a_worker_that_cannot_start_is_named_with_the_reason() {
         all.extend_from_slice(&args);
         let mut sup = Supervisor::start(&dir, &all, &[]);
         assert_eq!(sup.wait_exit().code(), Some(code), "{args:?}");
-        let (p1, why) = sup.wait_gen(1, "unable to");
-        assert_eq!(why, format!("containerflip: gen 1 pid {p1} {reason}"));
-        // The failure reason (what `deploy` prints) names it too.
-        sup.wait_line(&format!(
-            "gen 1 pid {p1} deploy failed: {reason} (exited with status {code})"
-        ));
+        let (p1, why) = sup.wait_gen(1, "deploy failed");
+        // One line, the failure reason (what `deploy` prints), says it
+        // with the exit status.
+        assert_eq!(
+            why,
+            format!(
+                "containerflip: gen 1 pid {p1} deploy failed: {reason} (exited with status {code})"
+            )
+        );
+        let lines = sup.lines();
+        let said = lines.iter().filter(|l| l.contains("unable to")).count();
+        assert_eq!(said, 1, "{lines:?}");
     }
+    // A program name that needs quoting is quoted.
+    let mut sup = Supervisor::start(
+        &dir,
+        &["--listen", "127.0.0.1:0", "--", "no such program"],
+        &[],
+    );
+    assert_eq!(sup.wait_exit().code(), Some(127));
+    sup.wait_line("deploy failed: unable to execute 'no such program': No such file or directory");
 }
 
 /// Stopped while the active generation has crashed and nothing replaced
