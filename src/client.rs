@@ -1,5 +1,5 @@
 //! The client commands: `deploy`, `rollback`, `status` and `stop` speak
-//! the control protocol (see `control`) to a running supervisor and turn
+//! the control protocol (see `protocol`) to a running supervisor and turn
 //! its answer into output and an exit code: 0 done, 1 failed, 3 nobody
 //! answers at the control path.
 

@@ -10,7 +10,7 @@
 //! nothing past that is dropped. A client that goes away does not cancel
 //! what it asked for.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,16 @@ pub const MAX_WAITING: usize = 64;
 pub const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 
 pub type ClientId = u64;
+
+/// What a poll entry is: the poll loop hands it back to [`Control::on_ready`].
+/// Clients are named by id, never by fd number, which a client accepted
+/// later in the same turn may reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Token {
+    Socket,
+    Watch,
+    Client(ClientId),
+}
 
 /// The default control path, in SPEC §6 order.
 pub fn default_path() -> PathBuf {
@@ -175,10 +185,13 @@ impl Control {
         &self.path
     }
 
-    pub fn poll_fds(&self) -> impl Iterator<Item = (BorrowedFd<'_>, PollFlags)> + '_ {
+    pub fn poll_fds(&self) -> impl Iterator<Item = (Token, BorrowedFd<'_>, PollFlags)> + '_ {
         let accepting = self.room && self.paused_until.is_none();
-        let listen = accepting.then(|| (self.fd.as_fd(), PollFlags::IN));
-        let watch = self.watch.as_ref().map(|w| (w.as_fd(), PollFlags::IN));
+        let listen = accepting.then(|| (Token::Socket, self.fd.as_fd(), PollFlags::IN));
+        let watch = self
+            .watch
+            .as_ref()
+            .map(|w| (Token::Watch, w.as_fd(), PollFlags::IN));
         listen
             .into_iter()
             .chain(watch)
@@ -193,7 +206,7 @@ impl Control {
                 if !c.output.is_empty() {
                     flags |= PollFlags::OUT;
                 }
-                (c.fd.as_fd(), flags)
+                (Token::Client(c.id), c.fd.as_fd(), flags)
             }))
     }
 
@@ -213,21 +226,26 @@ impl Control {
     /// Handle readiness of `fd`; returns complete requests.
     pub fn on_ready(
         &mut self,
-        fd: RawFd,
+        token: Token,
         flags: PollFlags,
         now: Instant,
     ) -> Vec<(ClientId, Request)> {
         let mut out = Vec::new();
-        if fd == self.fd.as_raw_fd() {
-            self.accept(now, &mut out);
-            return out;
-        }
-        if self.watch.as_ref().is_some_and(|w| w.as_raw_fd() == fd) {
-            self.accept(now, &mut out);
-            self.on_file_changed();
-            return out;
-        }
-        let Some(i) = self.clients.iter().position(|c| c.fd.as_raw_fd() == fd) else {
+        let id = match token {
+            Token::Socket => {
+                self.accept(now, &mut out);
+                return out;
+            }
+            Token::Watch => {
+                self.accept(now, &mut out);
+                self.on_file_changed();
+                return out;
+            }
+            Token::Client(id) => id,
+        };
+        // Gone already (evicted earlier in this turn): its event is stale,
+        // and its fd number may be a newer client's by now.
+        let Some(i) = self.clients.iter().position(|c| c.id == id) else {
             return out;
         };
         if flags.intersects(PollFlags::OUT) {
@@ -319,7 +337,8 @@ impl Control {
                     if !self.accept_failing {
                         self.accept_failing = true;
                         warn!(
-                            "control socket: unable to accept ({e}); retrying every {}ms",
+                            "control socket: unable to accept ({}); retrying every {}ms",
+                            crate::error::os_text(e),
                             ACCEPT_PAUSE.as_millis()
                         );
                     }

@@ -48,6 +48,11 @@ impl fmt::Display for Error {
     }
 }
 
+/// An errno or OS error as operators read it: [`os_message`].
+pub fn os_text(e: impl Into<io::Error>) -> String {
+    os_message(&e.into())
+}
+
 /// The OS error text without std's " (os error 98)" suffix.
 pub fn os_message(e: &io::Error) -> String {
     let s = e.to_string();

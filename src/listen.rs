@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use rustix::io::Errno;
 use rustix::net::{self, AddressFamily, SocketAddrUnix, SocketFlags, SocketType, sockopt};
 
-use crate::error::{Error, Result, os_message};
+use crate::error::{Error, Result, os_message, os_text};
 use crate::sys;
 
 /// First fd handed to workers (`SD_LISTEN_FDS_START`).
@@ -210,9 +210,9 @@ impl Listener {
         // port ourselves).
         match net::bind(&self.fd, &addr) {
             Ok(()) | Err(Errno::INVAL) => {}
-            Err(e) => return Err(format!("binding {addr} again: {e}")),
+            Err(e) => return Err(format!("binding {addr} again: {}", os_text(e))),
         }
-        net::listen(&self.fd, backlog).map_err(|e| format!("listening again: {e}"))?;
+        net::listen(&self.fd, backlog).map_err(|e| format!("listening again: {}", os_text(e)))?;
         match inet_name(&self.fd) {
             Some(a) if a == addr => Ok(()),
             other => {

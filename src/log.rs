@@ -1,6 +1,8 @@
 //! Operator log lines on stderr: one event per line, `containerflip: `
 //! first, the generation and pid in every line about a generation. The
-//! line shapes are listed in DESIGN.md; tests match on them.
+//! line shapes are listed in DESIGN.md; tests match on them. Also the
+//! command output on stdout (`out`, whose write errors `out_error`
+//! keeps), and text made safe for one line (`printable`, `shell_words`).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -38,7 +38,10 @@ fn main() -> ExitCode {
     let original = match sys::set_signal_mask(&sys::SigSet::all_but_faults()) {
         Ok(m) => m,
         Err(e) => {
-            log::line(format_args!("fatal: unable to block signals: {e}"));
+            log::line(format_args!(
+                "fatal: unable to block signals: {}",
+                error::os_message(&e)
+            ));
             return ExitCode::from(1);
         }
     };

@@ -330,7 +330,8 @@ impl NotifySocket {
                     // The connection stays pending and the socket readable:
                     // stop polling it for a moment rather than spin.
                     out.push(Event::Malformed(format!(
-                        "unable to accept a notify connection: {e}"
+                        "unable to accept a notify connection: {}",
+                        crate::error::os_text(e)
                     )));
                     self.paused_until = Some(now + ACCEPT_PAUSE);
                     return;

@@ -87,9 +87,12 @@ pub fn parse_request(text: &[u8]) -> std::result::Result<Request, String> {
         if args.len() == MAX_ARGS {
             return Err(format!("more than {MAX_ARGS} arguments"));
         }
-        args.push(OsString::from_vec(
-            unhex(hex).ok_or("an 'arg' line is not valid hex")?,
-        ));
+        let word = unhex(hex).ok_or("an 'arg' line is not valid hex")?;
+        // execve could not carry it: refused here, not a failed deploy.
+        if word.contains(&0) {
+            return Err(format!("argument {} contains a NUL byte", args.len() + 1));
+        }
+        args.push(OsString::from_vec(word));
     }
     let no_args = |r: Request| {
         if args.is_empty() {
@@ -208,6 +211,10 @@ mod tests {
         );
         assert!(parse_request(b"\xff\xfe").is_err());
         assert!(parse_request(b"containerflip/1 deploy\narg zz").is_err());
+        assert_eq!(
+            parse_request(b"containerflip/1 deploy\narg 74727565\narg 6100"),
+            Err("argument 2 contains a NUL byte".into())
+        );
         assert_eq!(
             parse_request(b"containerflip/1 status json"),
             Ok(Request::Status(StatusFormat::Json))

@@ -22,7 +22,7 @@ pub fn collect() -> Vec<(i32, Exit)> {
             Ok(None) | Err(Errno::CHILD) => return out,
             Err(Errno::INTR) => continue,
             Err(e) => {
-                warn!("waitpid failed: {e}");
+                warn!("waitpid failed: {}", crate::error::os_text(e));
                 return out;
             }
         }

@@ -68,11 +68,17 @@ fn start(mut cfg: RunConfig, inherited: Inherited) -> Result<Parts, Error> {
         );
     }
 
+    // Signals were blocked first thing in main; the signalfd is opened
+    // only now because parking the listeners dup3s over fds 3.. and would
+    // close one sitting there.
     let signals = Signals::open().map_err(|e| Error::os("open a signalfd", e))?;
     if rustix::process::getpid().is_init() {
         debug!("running as PID 1: reaping every orphan");
     } else if let Err(e) = sys::set_child_subreaper() {
-        warn!("unable to become a child subreaper ({e}); daemonized grandchildren will escape");
+        warn!(
+            "unable to become a child subreaper ({}); daemonized grandchildren will escape",
+            crate::error::os_message(&e)
+        );
     }
     if !crate::reap::proc_is_ours() {
         warn!(
@@ -111,7 +117,7 @@ fn make_run_dir() {
     if rustix::process::getuid().is_root() && !run.exists() {
         match std::fs::DirBuilder::new().mode(0o755).create(run) {
             Ok(()) => info!("created /run (missing in this image)"),
-            Err(e) => debug!("unable to create /run: {e}"),
+            Err(e) => debug!("unable to create /run: {}", crate::error::os_message(&e)),
         }
     }
 }

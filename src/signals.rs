@@ -111,7 +111,7 @@ pub fn parse(s: &str) -> Option<i32> {
         .then_some(n)
 }
 
-/// The blocked signal set and the signalfd that reads it.
+/// The signalfd that reads the signals `main` blocked.
 pub struct Signals {
     pub fd: OwnedFd,
 }

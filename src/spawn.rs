@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use rustix::pipe::{PipeFlags, pipe_with};
 use rustix::process::{Pid, PidfdFlags, pidfd_open};
 
+use crate::error::os_text;
 use crate::log::shell_words;
 use crate::sys;
 
@@ -150,7 +151,7 @@ pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
         .transpose()?;
 
     let (err_read, err_write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
-        .map_err(|e| format!("unable to create a pipe: {e}"))?;
+        .map_err(|e| format!("unable to create a pipe: {}", os_text(e)))?;
     // LISTEN_PID=<digits> is added by the plan: the child writes its own
     // pid into it.
     let mut plan = sys::ChildPlan::new(
@@ -162,7 +163,7 @@ pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
         req.death_signal,
         err_write.as_fd(),
     );
-    let pid = sys::fork_exec(&mut plan).map_err(|e| format!("unable to fork: {e}"))?;
+    let pid = sys::fork_exec(&mut plan).map_err(|e| format!("unable to fork: {}", os_text(e)))?;
     drop(plan);
     drop(err_write);
     // Open the pidfd before anything can reap the child: only our own
@@ -174,7 +175,10 @@ pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
         Ok(fd) => fd,
         Err(e) => {
             let _ = sys::kill(pid, libc::SIGKILL);
-            return Err(format!("unable to open a pidfd for pid {pid}: {e}"));
+            return Err(format!(
+                "unable to open a pidfd for pid {pid}: {}",
+                os_text(e)
+            ));
         }
     };
     Ok(Child {

@@ -2,8 +2,11 @@
 //!
 //! One thread, one `poll(2)` over: the signalfd, each generation's pidfd,
 //! exec-report pipe (until it exec'd) and notify socket (with its stream
-//! connections), and the control socket with its clients. Every timer is a deadline folded into poll's
-//! timeout, so an idle supervisor sleeps in poll with no timeout at all.
+//! connections), the control socket with its clients and its inotify
+//! watch, the upward NOTIFY_SOCKET while a message waits to be sent, and
+//! the listeners (for a hang-up only). Every timer is a deadline folded
+//! into poll's timeout, so an idle supervisor sleeps in poll with no
+//! timeout at all.
 //!
 //! Events and their handlers:
 //!
@@ -17,6 +20,10 @@
 //! | drain/kill deadline           | `kill_overdue`   |
 //! | restart backoff deadline      | `start_deploy`   |
 //! | SIGTERM/SIGINT, `stop`        | `begin_stop`     |
+//! | a control request             | `on_request`     |
+//! | a notify message              | `on_notify_event`|
+//! | a listener hung up            | `on_listener_hang_up` |
+//! | relisten deadline             | `relisten`       |
 //!
 //! Past start-up nothing here is fatal: a misbehaving worker or client
 //! is logged and its generation or connection changes state.
@@ -35,7 +42,7 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::io::Errno;
 
 use crate::cli::{OnCrash, RunConfig, format_duration};
-use crate::control::{ClientId, Control};
+use crate::control::{self, ClientId, Control};
 use crate::generation::{Exit, Generation, State};
 use crate::listen::Listener;
 use crate::notify::NotifySocket;
@@ -51,13 +58,16 @@ mod messages;
 mod requests;
 mod stop;
 
-use stop::Stopping;
+use stop::{StopCause, Stopping};
 
 /// First crash-restart delay; doubles up to `BACKOFF_MAX`.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Readiness this long resets the backoff.
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
+
+/// How long to wait before polling again after poll itself failed.
+const POLL_RETRY: Duration = Duration::from_millis(100);
 
 /// How long a failed new generation gets between stop signal and SIGKILL.
 const FAILED_GRACE: Duration = Duration::from_secs(5);
@@ -108,7 +118,6 @@ struct Deploy {
     waiters: Vec<ClientId>,
 }
 
-/// Deploy requests that arrived while one ran, collapsed into one.
 /// What a deploy runs: resolved when it starts, not when it is asked
 /// for, so a queued rollback goes back from what is current by then.
 #[derive(Clone)]
@@ -121,6 +130,7 @@ enum Target {
     Rollback,
 }
 
+/// Deploy requests that arrived while one ran, collapsed into one.
 struct Queued {
     target: Target,
     origin: Origin,
@@ -141,7 +151,7 @@ enum Source {
     Pidfd(u64),
     ExecReport(u64),
     Notify(u64, RawFd),
-    Control(RawFd),
+    Control(control::Token),
     Upstream,
     /// A listening socket reported a hang-up: a worker shut it down.
     Listener(usize),
@@ -186,6 +196,8 @@ pub struct Supervisor {
     pub known_strays: Vec<i32>,
     /// When to try again the TCP listeners that could not listen again.
     relisten_at: Option<Instant>,
+    /// poll(2) itself failed last turn (logged once per episode).
+    poll_failing: std::cell::Cell<bool>,
     /// Process groups that got SIGKILL after their generation was let go:
     /// what is left in them is dying, not a stray.
     killed_groups: Vec<i32>,
@@ -245,6 +257,7 @@ impl Supervisor {
             stop: None,
             known_strays: Vec::new(),
             relisten_at: None,
+            poll_failing: std::cell::Cell::new(false),
             killed_groups: Vec::new(),
             exit_code: None,
             counters: Counters::default(),
@@ -291,7 +304,7 @@ impl Supervisor {
                 }
                 Source::ExecReport(n) => self.on_exec_report(n),
                 Source::Signals => reap |= self.on_signals(now),
-                Source::Control(fd) => self.on_control(fd, flags, now),
+                Source::Control(token) => self.on_control(token, flags, now),
                 Source::Upstream => self.upstream.iter().for_each(Upstream::flush),
                 Source::Listener(i) => self.on_listener_hang_up(i, flags, now),
             }
@@ -343,8 +356,8 @@ impl Supervisor {
             }
         }
         if let Some(c) = &self.control {
-            for (fd, flags) in c.poll_fds() {
-                sources.push(Source::Control(fd.as_raw_fd()));
+            for (token, fd, flags) in c.poll_fds() {
+                sources.push(Source::Control(token));
                 fds.push(PollFd::from_borrowed_fd(fd, flags));
             }
         }
@@ -368,10 +381,24 @@ impl Supervisor {
             Ok(_) => {}
             Err(Errno::INTR) => return Vec::new(),
             Err(e) => {
-                warn!("poll failed: {e}");
+                // ENOMEM, or a poll set the kernel refuses: nothing here
+                // clears it, so pause rather than spin, and say it once.
+                if !self.poll_failing.replace(true) {
+                    warn!(
+                        "poll failed: {}; retrying every {}",
+                        crate::error::os_text(e),
+                        format_duration(POLL_RETRY)
+                    );
+                }
+                let pause = Timespec {
+                    tv_sec: 0,
+                    tv_nsec: POLL_RETRY.subsec_nanos() as _,
+                };
+                let _ = poll(&mut [], Some(&pause));
                 return Vec::new();
             }
         }
+        self.poll_failing.set(false);
         fds.iter()
             .zip(sources)
             .filter(|(fd, _)| !fd.revents().is_empty())
@@ -414,7 +441,7 @@ impl Supervisor {
             match sig {
                 libc::SIGCHLD => reap = true,
                 libc::SIGHUP => self.request_deploy(Target::Current, Origin::Sighup, None, now),
-                libc::SIGTERM | libc::SIGINT => self.begin_stop(&signals::name(sig), now),
+                libc::SIGTERM | libc::SIGINT => self.begin_stop(StopCause::Signal(sig), now),
                 s if FORWARDED.contains(&s) => match self
                     .active
                     .and_then(|n| self.gens.iter().find(|g| g.n == n))
@@ -538,8 +565,9 @@ impl Supervisor {
             Ok(s) => s,
             Err(e) => {
                 let reason = format!(
-                    "unable to create notify socket {}: {e}",
-                    notify_path.display()
+                    "unable to create notify socket {}: {}",
+                    crate::log::printable(&notify_path.to_string_lossy()),
+                    crate::error::os_text(e)
                 );
                 return self.spawn_failed(n, origin, reason, waiters, now);
             }
@@ -740,7 +768,7 @@ impl Supervisor {
                 0 => 1,
                 c => c,
             });
-            self.begin_stop("the first generation failed", now);
+            self.begin_stop(StopCause::BootFailed, now);
             return;
         }
         self.next_queued(now);
@@ -821,6 +849,7 @@ impl Supervisor {
         match spawn::read_exec_report(pipe) {
             spawn::ExecReport::Pending => return,
             spawn::ExecReport::Done => {
+                // Cleared first: while it is set, signal_group defers.
                 g.exec_report = None;
                 if let Some(sig) = g.deferred_signal.take() {
                     debug!("{} exec'd; sending {} now", g.tag(), signals::name(sig));
@@ -848,7 +877,6 @@ impl Supervisor {
         self.on_exec_report(n);
         let stopping = self.stop.is_some();
         let Some(g) = self.gen_mut(n) else { return };
-        g.exit = Some(exit);
         g.pidfd = None;
         let (state, tag, leaving) = (g.state, g.tag(), g.leaving);
         match state {
@@ -929,7 +957,7 @@ impl Supervisor {
                 0 => 1,
                 c => c,
             });
-            self.begin_stop("--on-crash exit", now);
+            self.begin_stop(StopCause::OnCrashExit, now);
             return;
         }
         self.counters.crash_restarts += 1;

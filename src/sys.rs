@@ -25,7 +25,7 @@ const FAULT_SIGNALS: [i32; 7] = [
     libc::SIGSYS,
 ];
 
-/// The highest signal number (`SIGRTMAX` on Linux is 64).
+/// One past the highest signal number (`SIGRTMAX` on Linux is 64).
 const NSIG: i32 = 65;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {

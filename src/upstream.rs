@@ -55,8 +55,9 @@ impl Upstream {
         // socket unconnected connects again (see `send_one`).
         if let Err(e) = net::connect(&fd, &addr) {
             crate::warn!(
-                "unable to reach our own NOTIFY_SOCKET {}: {e}",
-                path.to_string_lossy()
+                "unable to reach our own NOTIFY_SOCKET {}: {}",
+                crate::log::printable(&path.to_string_lossy()),
+                crate::error::os_text(e)
             );
         }
         Some(Upstream {
@@ -99,8 +100,9 @@ impl Upstream {
                 Err(Errno::AGAIN) => return,
                 Err(e) => {
                     crate::warn!(
-                        "unable to tell our own NOTIFY_SOCKET {}: {e}",
-                        first_line(msg)
+                        "unable to tell our own NOTIFY_SOCKET {}: {}",
+                        first_line(msg),
+                        crate::error::os_text(e)
                     );
                 }
             }

@@ -1168,6 +1168,11 @@ fn bad_requests_get_an_error_line_and_change_nothing() {
             "not valid hex",
         ),
         (
+            "a NUL byte in a word",
+            b"containerflip/1 deploy\narg 74727565\narg 610062\n\n".to_vec(),
+            "argument 2 contains a NUL byte",
+        ),
+        (
             "hex with a sign",
             b"containerflip/1 deploy\narg +1+1\n\n".to_vec(),
             "not valid hex",

@@ -2,28 +2,27 @@
 //! becomes a deploy, a rollback, a status answer or a stop, and a
 //! deploy's callers hear how it went.
 
-use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::time::Instant;
 
 use rustix::event::PollFlags;
 
 use super::{Origin, Supervisor, Target};
-use crate::control::ClientId;
+use crate::control::{ClientId, Token};
 use crate::protocol::{Request, StatusFormat};
 
 impl Supervisor {
-    pub(super) fn on_control(&mut self, fd: RawFd, flags: PollFlags, now: Instant) {
+    pub(super) fn on_control(&mut self, token: Token, flags: PollFlags, now: Instant) {
         let Some(c) = self.control.as_mut() else {
             return;
         };
-        let requests = c.on_ready(fd, flags, now);
+        let requests = c.on_ready(token, flags, now);
         for (id, req) in requests {
             self.on_request(id, req, now);
         }
     }
 
-    pub(super) fn on_request(&mut self, id: ClientId, req: Request, now: Instant) {
+    fn on_request(&mut self, id: ClientId, req: Request, now: Instant) {
         match req {
             Request::Deploy(command) => {
                 let target = command.map_or(Target::Current, |c| Target::Command(Rc::from(c)));
@@ -51,7 +50,7 @@ impl Supervisor {
                 if let Some(c) = self.control.as_mut() {
                     c.progress(id, "stopping");
                 }
-                self.begin_stop("stop requested over the control socket", now);
+                self.begin_stop(super::StopCause::Control, now);
                 if let Some(s) = self.stop.as_mut() {
                     let control = self.control.as_ref();
                     s.waiters.retain(|&w| control.is_some_and(|c| c.waiting(w)));

@@ -1,7 +1,9 @@
 //! The stop of SPEC §7, as `Supervisor` methods: TERM/INT or `stop`
 //! drains every generation and the daemons that left them, SIGKILLs what
 //! is left at the deadline (at once on a second TERM/INT), and says when
-//! the supervisor may exit and with which status.
+//! the supervisor may exit and with which status. Children that left
+//! their generation's group (strays) are tracked here too: found at each
+//! reap, stopped with everything else.
 
 use std::time::Instant;
 
@@ -19,22 +21,43 @@ pub(super) struct Stopping {
     pub(super) clean: bool,
     /// A TERM/INT arrived: the stop may have begun otherwise (`stop`,
     /// `--on-crash exit`), and only a second signal forces it.
-    pub(super) signalled_once: bool,
+    signalled_once: bool,
     /// A second TERM/INT: everything got SIGKILL.
-    pub(super) forced: bool,
+    forced: bool,
     /// Non-generation children (setsid daemons) are still alive; the
     /// exit waits for them.
-    pub(super) strays: bool,
+    strays: bool,
     /// Strays left at this time get SIGKILL.
     pub(super) orphan_deadline: Option<Instant>,
     /// Strays that already got the stop signal.
-    pub(super) signalled: Vec<i32>,
+    signalled: Vec<i32>,
     /// Strays that already got SIGKILL (not sent, nor logged, twice).
-    pub(super) killed: Vec<i32>,
+    killed: Vec<i32>,
     /// The stop's drain deadline: what is left after it gets SIGKILL.
     pub(super) deadline: Instant,
     /// `stop` clients to tell the exit status.
     pub(super) waiters: Vec<ClientId>,
+}
+
+/// What began a stop, for the log and for the second-signal rule.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum StopCause {
+    /// SIGTERM or SIGINT: a second one kills everything.
+    Signal(i32),
+    Control,
+    OnCrashExit,
+    BootFailed,
+}
+
+impl std::fmt::Display for StopCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopCause::Signal(sig) => f.write_str(&signals::name(*sig)),
+            StopCause::Control => f.write_str("stop requested over the control socket"),
+            StopCause::OnCrashExit => f.write_str("--on-crash exit"),
+            StopCause::BootFailed => f.write_str("the first generation failed"),
+        }
+    }
 }
 
 impl Supervisor {
@@ -53,8 +76,8 @@ impl Supervisor {
     /// TERM/INT or `stop`: stop signal to everything, SIGKILL at the
     /// deadline, exit when nothing is left. The second TERM/INT kills now,
     /// whatever began the stop; other repeated requests change nothing.
-    pub(super) fn begin_stop(&mut self, why: &str, now: Instant) {
-        let by_signal = why.starts_with("SIG");
+    pub(super) fn begin_stop(&mut self, why: StopCause, now: Instant) {
+        let by_signal = matches!(why, StopCause::Signal(_));
         if let Some(stop) = self.stop.as_mut() {
             if by_signal && !stop.signalled_once {
                 stop.signalled_once = true;
