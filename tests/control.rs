@@ -2159,3 +2159,25 @@ fn stop_during_a_deploy_tells_the_deploy_client() {
     assert!(out.stderr.contains("the supervisor is stopping"), "{out:?}");
     sup.wait_exit();
 }
+
+/// A TCP listener that a worker shut down listens again with the
+/// configured `--backlog`, not some other one.
+#[test]
+fn a_listener_listening_again_keeps_its_backlog() {
+    if Command::new("ss").arg("-V").output().is_err() {
+        crate::common::skipped(
+            "a_listener_listening_again_keeps_its_backlog",
+            "no `ss` (iproute2) to read a listener's backlog",
+        );
+        return;
+    }
+    let dir = TempDir::new("ctl-relisten-backlog");
+    let (sup, addr, _) = start(&dir, &["--backlog", "7"], &[]);
+    assert_eq!(crate::listen::ss_backlog(addr.port()), Some(7));
+    deploy_shutting_down(&dir, &sup, &[3], || {});
+    sup.wait_line(&format!(
+        "listener {addr} (fd 3) was shut down by a worker (shutdown(2) on it); listening again"
+    ));
+    assert_served_by(addr, 1);
+    assert_eq!(crate::listen::ss_backlog(addr.port()), Some(7));
+}

@@ -1196,3 +1196,33 @@ fn contrib_socket_names_its_descriptor() {
         ["containerflip-example.socket"]
     );
 }
+
+/// The parent-death signal is the configured stop signal, not always
+/// SIGTERM: with `--stop-signal INT` a worker whose supervisor was
+/// SIGKILLed gets SIGINT (this worker drains on either).
+#[test]
+fn the_parent_death_signal_follows_stop_signal() {
+    let dir = TempDir::new("pdeath-int");
+    let control = control_path(&dir);
+    let mut sup = Supervisor::start(
+        &dir,
+        &run_args(&control, &["--stop-signal", "INT"]),
+        &[("RUNTIME_DIRECTORY", dir.str())],
+    );
+    let w = sup.wait_ready(1);
+    wait_event(&sup.records, w, "serving");
+    let records = sup.records.clone();
+
+    sup.signal(libc::SIGKILL);
+    sup.wait_exit();
+    wait_event(&records, w, "exit 0");
+    assert_eq!(
+        events(&records, w)
+            .iter()
+            .filter(|e| e.starts_with("signal "))
+            .collect::<Vec<_>>(),
+        [&format!("signal {}", libc::SIGINT)],
+        "the worker's signals"
+    );
+    wait_until("the worker to exit", || !alive(w));
+}

@@ -709,3 +709,106 @@ fn a_stop_signal_before_the_exec_reaches_the_worker_after_it() {
     assert_eq!(sup.count("killed at"), 0, "{:?}", sup.lines());
     wait_gone(real);
 }
+
+/// SPEC §5.7: the backoff doubles *up to 10 s* and stays there. Each
+/// restart fails (the env file makes the worker exit before READY=1), and a
+/// `deploy` after each `restarting in` line cuts the wait short (it starts
+/// at once while nothing is ready) and fails the same way, so the next
+/// restart delay is logged without waiting the current one out.
+#[test]
+fn crash_restart_backoff_stops_growing_at_ten_seconds() {
+    let dir = TempDir::new("backoff-cap");
+    let env_file = dir.join("env");
+    write_file(&env_file, "");
+    let sup = Supervisor::start(
+        &dir,
+        &worker_args(&["--env-file", env_file.to_str().unwrap()]),
+        &[],
+    );
+    let p1 = sup.wait_ready(1);
+    write_file(&env_file, "WORKER_EXIT_BEFORE_READY=1\n");
+    kill(p1 as i32, libc::SIGKILL);
+
+    let want = [
+        "100ms", "200ms", "400ms", "800ms", "1600ms", "3200ms", "6400ms", "10s", "10s",
+    ];
+    for k in 1..=want.len() {
+        sup.wait_for_nth(&format!("restart delay {k}"), k, |l| {
+            l.contains("restarting in ")
+        });
+        if k < want.len() {
+            // Fails like the restarts (queued behind one, if the timer beat
+            // it): each failure while nothing serves takes the next delay.
+            let out = client(&dir, "deploy", &[]);
+            assert_eq!(out.status.code(), Some(1), "{out:?}");
+        }
+    }
+    let delays: Vec<String> = sup
+        .lines()
+        .iter()
+        .filter_map(|l| l.split_once("restarting in ").map(|(_, d)| d.to_string()))
+        .take(want.len())
+        .collect();
+    assert_eq!(delays, want, "{:?}", sup.lines());
+}
+
+/// SPEC §7: USR1, USR2, QUIT, WINCH, TTIN and TTOU go to the active
+/// generation's *worker*, not to its whole process group: a prefork
+/// server's own workers (gunicorn's, a node cluster's) must not get the
+/// TTIN/TTOU meant for their primary, whose default action stops them.
+#[test]
+fn forwarded_signals_reach_the_worker_not_the_rest_of_its_group() {
+    let dir = TempDir::new("fwd-group");
+    let mut sup = Supervisor::start(
+        &dir,
+        &worker_args(&["--drain-timeout", "2s"]),
+        &[("WORKER_SPAWN", "sleeper"), ("WORKER_IGNORE_TERM", "1")],
+    );
+    let pid = sup.wait_ready(1);
+    // The sleeper writes its pid once its signal handlers are installed.
+    let child = grandchild(&sup.records, pid);
+    assert_eq!(process_group(child), Some(pid), "the child is in the group");
+
+    sup.signal(libc::SIGUSR1);
+    wait_event(&sup.records, pid, &format!("signal {}", libc::SIGUSR1));
+    // The stop signal goes to the whole group: once the child has it,
+    // anything sent to the group before it has been recorded too.
+    sup.signal(libc::SIGTERM);
+    wait_event(&sup.records, child, &format!("signal {}", libc::SIGTERM));
+    assert_eq!(
+        events(&sup.records, child),
+        [format!("signal {}", libc::SIGTERM)],
+        "the worker's child got the forwarded SIGUSR1 too"
+    );
+    // Both ignore the stop signal: the drain deadline ends them.
+    sup.wait_exit();
+}
+
+/// `STOPPING=1` from an active generation that has served for 10 s or
+/// more starts its replacement at once (no backoff: it is not a loop).
+#[test]
+fn stopping_after_ten_seconds_of_service_is_replaced_at_once() {
+    let dir = TempDir::new("stopping-old");
+    let sup = Supervisor::start(&dir, &worker_args(&[]), &[]);
+    let addr = sup.listen_addr();
+    let p1 = sup.wait_ready(1);
+    let sock = notify_socket(&sup.records, p1);
+    // 10 s of service: the clock is a supervisor started now whose
+    // 10-second ready timeout has to expire.
+    let clock_dir = TempDir::new("stopping-clock");
+    let mut clock = Supervisor::start(
+        &clock_dir,
+        &worker_args(&["--ready-timeout", "10s"]),
+        &[("WORKER_NO_READY", "1")],
+    );
+    clock.wait_line("no READY=1 within 10s");
+    assert_eq!(clock.wait_exit().code(), Some(1));
+
+    send_dgram(&sock, b"STOPPING=1");
+    sup.wait_line(&format!("gen 1 pid {p1} is leaving on its own"));
+    sup.wait_line("deploy requested (STOPPING=1 from the active generation)");
+    sup.wait_ready(2);
+    sup.wait_gen(1, "draining");
+    assert_eq!(served_gen(addr), 2);
+    assert_eq!(sup.count("replacing it in"), 0, "{:?}", sup.lines());
+}

@@ -286,7 +286,7 @@ fn a_malformed_listen_fds_is_named() {
 }
 
 /// The Send-Q column of `ss -ltnH sport = :PORT`: a listener's backlog.
-fn ss_backlog(port: u16) -> Option<u32> {
+pub(crate) fn ss_backlog(port: u16) -> Option<u32> {
     let out = Command::new("ss")
         .args(["-ltnH", &format!("sport = :{port}")])
         .output()
@@ -390,4 +390,51 @@ fn a_regular_file_in_the_way_is_never_removed() {
     });
     assert_eq!(sup.count(" spawned"), 0, "a worker was started");
     assert_eq!(std::fs::read_to_string(&ctl).unwrap(), "keep me too\n");
+}
+
+/// `--listen fd:N` takes only a listening stream socket the supervisor
+/// really inherited: a descriptor that is not open, a regular file, a
+/// socket that does not listen and a datagram socket are each a start-up
+/// error naming `fd:N` and why, and no worker starts.
+#[test]
+fn an_inherited_fd_that_is_not_a_listening_stream_socket_is_refused() {
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let unlistened = std::net::TcpStream::connect(
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap(),
+    )
+    .unwrap();
+    let dgram = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let cases: [(Option<i32>, &str); 4] = [
+        (None, "no such open file descriptor"),
+        (Some(file.as_raw_fd()), "Socket operation on non-socket"),
+        (Some(unlistened.as_raw_fd()), "the socket is not listening"),
+        (Some(dgram.as_raw_fd()), "not a stream socket"),
+    ];
+    for (raw, why) in cases {
+        let dir = TempDir::new("fdbad");
+        let mut cmd = Command::new(bin());
+        cmd.args(["run", "--listen", "fd:7", "--", worker()])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("CONTAINERFLIP_CONTROL", dir.join("control.sock"))
+            .env("WORKER_RECORD", dir.path());
+        // None: nothing at fd 7 (the harness opens everything close-on-exec).
+        if let Some(raw) = raw {
+            pass_fd(&mut cmd, raw, 7);
+        }
+        let mut sup = Supervisor::spawn(cmd, &dir, &[]);
+        let status = sup.wait_exit();
+        assert_eq!(status.code(), Some(1), "{why}: {status}; {:?}", sup.lines());
+        assert!(
+            sup.lines()
+                .iter()
+                .any(|l| l.contains("fd:7") && l.contains(why)),
+            "no line names fd:7 and {why:?}: {:?}",
+            sup.lines()
+        );
+        assert_eq!(sup.count(" spawned"), 0, "a worker was started ({why})");
+    }
 }
