@@ -127,10 +127,11 @@ pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
     // Never empty: `run` and the control protocol both refuse an empty
     // command; still, an error here rather than a panic.
     let program = req.command.first().ok_or("the command is empty")?;
-    let path = resolve(program, &env, req.chdir);
-    let path = path
-        .map(|p| cstring(p.as_os_str().as_bytes().to_vec()))
-        .transpose()?;
+    let (paths, searched) = exec_paths(program, &env);
+    let paths: Vec<CString> = paths
+        .into_iter()
+        .map(|p| cstring(p.into_os_string().into_vec()))
+        .collect::<Result<_, _>>()?;
     let argv: Vec<CString> = req
         .command
         .iter()
@@ -155,7 +156,8 @@ pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
     // LISTEN_PID=<digits> is added by the plan: the child writes its own
     // pid into it.
     let mut plan = sys::ChildPlan::new(
-        path.as_deref(),
+        &paths,
+        searched,
         &argv,
         &envs,
         chdir.as_deref(),
@@ -200,31 +202,22 @@ fn set(env: &mut Vec<(OsString, OsString)>, key: OsString, value: OsString) {
     }
 }
 
-/// `PATH` lookup done before fork (execvp is not async-signal-safe).
-/// A name with a `/` is used as given, relative to the worker's cwd; a
-/// name found nowhere in PATH is None (never a file of that name in the
-/// current directory).
-fn resolve(program: &OsStr, env: &[(OsString, OsString)], chdir: Option<&Path>) -> Option<PathBuf> {
+/// Where `execve` looks for `program`: itself when it has a `/`
+/// (relative to the worker's directory), else each `PATH` directory in
+/// order, tried by the child (execvp is not async-signal-safe, and
+/// looking here would block the loop on a hung mount). True when it is
+/// a PATH search.
+fn exec_paths(program: &OsStr, env: &[(OsString, OsString)]) -> (Vec<PathBuf>, bool) {
     if program.as_bytes().contains(&b'/') {
-        return Some(PathBuf::from(program));
+        return (vec![PathBuf::from(program)], false);
     }
     let path = env
         .iter()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    for dir in std::env::split_paths(&path) {
-        let dir = match (dir.is_relative(), chdir) {
-            (true, Some(c)) => c.join(dir),
-            _ => dir,
-        };
-        let candidate = dir.join(program);
-        let executable = rustix::fs::access(&candidate, rustix::fs::Access::EXEC_OK).is_ok();
-        if executable && candidate.is_file() {
-            return Some(candidate);
-        }
-    }
-    None
+    let dirs = std::env::split_paths(&path).map(|dir| dir.join(program));
+    (dirs.collect(), true)
 }
 
 /// "unable to execute /srv/app: No such file or directory": what a child
@@ -235,7 +228,6 @@ pub fn failure_reason(
     command: &[OsString],
     chdir: Option<&Path>,
 ) -> String {
-    let program = command.first().map(Path::new);
     let what = match stage {
         sys::Stage::Exec => command
             .first()
@@ -244,18 +236,11 @@ pub fn failure_reason(
         _ => None,
     };
     let what = what.map_or_else(String::new, |w| format!(" {w}"));
-    // execve says EACCES for a directory; say what it is. Only a name
-    // with a '/' is a path (execvp's rule).
-    let is_dir = program.is_some_and(|p| {
-        p.as_os_str().as_bytes().contains(&b'/')
-            && chdir.map_or(p.to_path_buf(), |d| d.join(p)).is_dir()
-    });
-    let error =
-        if matches!(stage, sys::Stage::Exec) && e.raw_os_error() == Some(libc::EACCES) && is_dir {
-            "is a directory".to_string()
-        } else {
-            crate::error::os_message(e)
-        };
+    // The child turns execve's EACCES for a directory into EISDIR.
+    let error = match e.raw_os_error() {
+        Some(libc::EISDIR) => "is a directory".to_string(),
+        _ => crate::error::os_message(e),
+    };
     format!("unable to {}{what}: {error}", stage.doing())
 }
 

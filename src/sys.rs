@@ -213,11 +213,13 @@ pub fn set_child_subreaper() -> io::Result<()> {
 /// `LISTEN_PID=` slot it fills in with its own pid. The borrowed strings
 /// outlive the plan, which makes [`fork_exec`] safe to call.
 pub struct ChildPlan<'a> {
-    /// Path handed to `execve`: absolute, or relative to the worker's
-    /// directory when the command had a `/`. None when a PATH search
-    /// found nothing: the child reports ENOENT and exits 127, as a shell
-    /// does, rather than run a file of that name from its directory.
-    path: Option<&'a CStr>,
+    /// Paths handed to `execve`, in order: the command itself when it
+    /// has a `/`, else one per PATH directory (relative ones resolve in
+    /// the worker's directory, after its chdir). The search runs in the
+    /// child, so a hung mount in PATH never blocks the supervisor.
+    paths: &'a [CString],
+    /// Whether `paths` is a PATH search (else the one path given).
+    searched: bool,
     /// NULL-terminated; points into the caller's argv.
     argv: Vec<*const libc::c_char>,
     /// NULL-terminated; points into the caller's env and `listen_pid`.
@@ -241,10 +243,13 @@ const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 const LISTEN_PID_LEN: usize = LISTEN_PID_PREFIX.len() + 21;
 
 impl<'a> ChildPlan<'a> {
-    /// A plan to exec `path` with `argv` and `env` (each `KEY=VALUE`;
-    /// `LISTEN_PID` is added), in `chdir`, with the sockets at 3…3+n.
+    /// A plan to exec the first of `paths` that runs (a PATH search when
+    /// `searched`) with `argv` and `env` (each `KEY=VALUE`; `LISTEN_PID`
+    /// is added), in `chdir`, with the sockets at 3…3+n.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        path: Option<&'a CStr>,
+        paths: &'a [CString],
+        searched: bool,
         argv: &'a [CString],
         env: &'a [CString],
         chdir: Option<&'a CStr>,
@@ -266,7 +271,8 @@ impl<'a> ChildPlan<'a> {
             .chain([slot, std::ptr::null()])
             .collect();
         ChildPlan {
-            path,
+            paths,
+            searched,
             argv,
             envp,
             listen_pid,
@@ -371,13 +377,38 @@ fn exec_child(plan: &mut ChildPlan<'_>) -> ! {
         );
         let empty = SigSet::empty();
         libc::sigprocmask(libc::SIG_SETMASK, &empty.0, std::ptr::null_mut());
-        match plan.path {
-            Some(path) => {
-                libc::execve(path.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+        let errno = libc::__errno_location();
+        // A PATH search with nothing to run says ENOENT, as a shell does:
+        // never a file of that name from the worker's directory.
+        *errno = libc::ENOENT;
+        for path in plan.paths {
+            libc::execve(path.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+            if !plan.searched {
+                // execve says EACCES for a directory: say what it is.
+                let mut st: libc::stat = std::mem::zeroed();
+                if *errno == libc::EACCES
+                    && libc::stat(path.as_ptr(), &mut st) == 0
+                    && st.st_mode & libc::S_IFMT == libc::S_IFDIR
+                {
+                    *errno = libc::EISDIR;
+                }
+                break;
             }
-            None => *libc::__errno_location() = libc::ENOENT,
+            // As execvp(3): not there, or not a runnable file there, is
+            // the next directory's turn; anything else is the answer.
+            match *errno {
+                libc::ENOENT
+                | libc::ENOTDIR
+                | libc::EACCES
+                | libc::ELOOP
+                | libc::ENAMETOOLONG
+                | libc::ESTALE
+                | libc::ENODEV
+                | libc::ETIMEDOUT => *errno = libc::ENOENT,
+                _ => break,
+            }
         }
-        let code = match *libc::__errno_location() {
+        let code = match *errno {
             libc::EACCES | libc::ENOEXEC | libc::EISDIR => 126,
             _ => 127,
         };

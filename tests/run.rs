@@ -1616,6 +1616,39 @@ fn a_worker_that_cannot_start_is_named_with_the_reason() {
     sup.wait_line("deploy failed: unable to execute 'no such program': No such file or directory");
 }
 
+/// The PATH search (done by the child, as execvp(3) does): a directory or
+/// a file that is not executable under the name is passed over for the
+/// next PATH directory, and a relative PATH directory is the worker's
+/// (after --chdir).
+#[test]
+fn the_path_search_passes_over_what_cannot_run() {
+    let dir = TempDir::new("pathsearch");
+    let (d1, d2, d3) = (dir.join("d1"), dir.join("d2"), dir.join("rel"));
+    for d in [&d1, &d2, &d3] {
+        fs::create_dir(d).unwrap();
+    }
+    fs::create_dir(d1.join("cf-prog")).unwrap();
+    write_file(&d2.join("cf-prog"), "#!/bin/sh\nexit 9\n");
+    let runs = d3.join("cf-prog");
+    write_file(&runs, &format!("#!/bin/sh\nexec {}\n", worker()));
+    fs::set_permissions(&runs, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}:rel", d1.display(), d2.display());
+    let sup = Supervisor::start(
+        &dir,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--chdir",
+            dir.str(),
+            "--",
+            "cf-prog",
+        ],
+        &[("PATH", path.as_str())],
+    );
+    sup.wait_ready(1);
+    assert_eq!(served_gen(sup.listen_addr()), 1);
+}
+
 /// Stopped while the active generation has crashed and nothing replaced
 /// it (a crash loop): the crashed worker's status, never 0.
 #[test]
