@@ -20,7 +20,6 @@ mod run;
 mod rundir;
 mod signals;
 mod spawn;
-mod status;
 mod supervisor;
 mod upstream;
 

@@ -31,7 +31,7 @@
 //! The stop (`stop`), control requests (`requests`), what workers say on
 //! their notify sockets (`messages`) and the repair of listeners a worker
 //! shut down (`listeners`) are `Supervisor` methods in child modules of
-//! their own.
+//! their own; `status` renders the supervisor's state for `status`.
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, RawFd};
@@ -56,6 +56,7 @@ use crate::{debug, info, warn};
 mod listeners;
 mod messages;
 mod requests;
+mod status;
 mod stop;
 
 use stop::{StopCause, Stopping};
@@ -138,10 +139,10 @@ struct Queued {
 }
 
 #[derive(Default)]
-pub struct Counters {
-    pub deploys_ok: u64,
-    pub deploys_failed: u64,
-    pub crash_restarts: u64,
+struct Counters {
+    deploys_ok: u64,
+    deploys_failed: u64,
+    crash_restarts: u64,
 }
 
 /// Where a poll entry came from.
@@ -159,7 +160,7 @@ enum Source {
 
 pub struct Supervisor {
     cfg: RunConfig,
-    pub listeners: Vec<Listener>,
+    listeners: Vec<Listener>,
     fd_names: String,
     signals: Signals,
     rundir: RunDir,
@@ -167,11 +168,11 @@ pub struct Supervisor {
     control: Option<Control>,
     base_env: Vec<(OsString, OsString)>,
     drain_grace_ms: Option<u64>,
-    pub started: Instant,
+    started: Instant,
 
-    pub gens: Vec<Generation>,
+    gens: Vec<Generation>,
     next_gen: u64,
-    pub active: Option<u64>,
+    active: Option<u64>,
     deploy: Option<Deploy>,
     queued: Option<Queued>,
     restart_at: Option<Instant>,
@@ -187,13 +188,13 @@ pub struct Supervisor {
     /// deploy is no gap); a crash that ends a stretch of 10 s or more
     /// restarts with the shortest backoff.
     serving_since: Option<Instant>,
-    pub current_cmd: Rc<[OsString]>,
-    pub previous_cmd: Option<Rc<[OsString]>>,
+    current_cmd: Rc<[OsString]>,
+    previous_cmd: Option<Rc<[OsString]>>,
     booted: bool,
     stop: Option<Stopping>,
     /// Children that left their generation's group (see
     /// `report_strays`), each logged once.
-    pub known_strays: Vec<i32>,
+    known_strays: Vec<i32>,
     /// When to try again the TCP listeners that could not listen again.
     relisten_at: Option<Instant>,
     /// poll(2) itself failed last turn (logged once per episode).
@@ -203,8 +204,8 @@ pub struct Supervisor {
     killed_groups: Vec<i32>,
     /// Exit status decided by an event (boot failure, `--on-crash exit`).
     exit_code: Option<i32>,
-    pub counters: Counters,
-    pub last_failure: Option<String>,
+    counters: Counters,
+    last_failure: Option<String>,
 }
 
 /// Everything start-up prepared, handed to the loop.
@@ -1093,18 +1094,18 @@ impl Supervisor {
     }
 
     /// A ready generation serves (not leaving on its own).
-    pub fn serving(&self) -> bool {
+    fn serving(&self) -> bool {
         self.active
             .and_then(|n| self.gens.iter().find(|g| g.n == n))
             .is_some_and(|g| g.state == State::Ready && g.running() && !g.leaving)
     }
 
     /// A stop has begun: generations drain and nothing new starts.
-    pub fn stopping(&self) -> bool {
+    fn stopping(&self) -> bool {
         self.stop.is_some()
     }
 
-    pub fn deploying(&self) -> Option<u64> {
+    fn deploying(&self) -> Option<u64> {
         self.deploy.as_ref().map(|d| d.n)
     }
 }

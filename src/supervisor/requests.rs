@@ -32,8 +32,8 @@ impl Supervisor {
                 self.request_deploy(Target::Rollback, Origin::Control, Some(id), now)
             }
             Request::Status(format) => {
-                let body = crate::status::render(self, format, now);
-                let (healthy, verdict) = crate::status::verdict(self);
+                let body = super::status::render(self, format, now);
+                let (healthy, verdict) = super::status::verdict(self);
                 if let Some(c) = self.control.as_mut() {
                     if let Some(body) = &body {
                         c.data(id, body);

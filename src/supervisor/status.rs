@@ -5,12 +5,12 @@
 use std::fmt::Write;
 use std::time::{Duration, Instant};
 
+use super::Supervisor;
 use crate::log::shell_words;
 use crate::protocol::StatusFormat;
-use crate::supervisor::Supervisor;
 
 /// The body of a status reply (`data` lines; none for `check`).
-pub fn render(s: &Supervisor, format: StatusFormat, now: Instant) -> Option<String> {
+pub(super) fn render(s: &Supervisor, format: StatusFormat, now: Instant) -> Option<String> {
     match format {
         StatusFormat::Text => Some(text(s, now)),
         StatusFormat::Json | StatusFormat::JsonCheck => Some(json(s, now)),
@@ -20,7 +20,7 @@ pub fn render(s: &Supervisor, format: StatusFormat, now: Instant) -> Option<Stri
 
 /// The verdict of `--check`, healthy or not, in one line: a ready
 /// generation serves on listeners that all listen.
-pub fn verdict(s: &Supervisor) -> (bool, String) {
+pub(super) fn verdict(s: &Supervisor) -> (bool, String) {
     if let Some(l) = s.listeners.iter().find(|l| !l.listening()) {
         let shown = crate::log::printable(&l.display);
         return (false, format!("listener {shown} is not listening"));
@@ -135,7 +135,7 @@ fn text(s: &Supervisor, now: Instant) -> String {
 
 /// A JSON string literal (RFC 8259 §7): quote, backslash and every
 /// control character escaped.
-pub fn json_str(s: &str) -> String {
+fn json_str(s: &str) -> String {
     let mut o = String::with_capacity(s.len() + 2);
     o.push('"');
     for ch in s.chars() {
