@@ -35,7 +35,8 @@ export interface DrainOptions {
   /**
    * How long connections may take to finish before the rest are closed.
    * Capped at 2147483647 ms, the longest delay a Node timer can wait.
-   * @default Number(process.env.DRAIN_GRACE_MS), else 28000
+   * @default process.env.DRAIN_GRACE_MS when it is a whole number of
+   * milliseconds, else 28000
    */
   graceMs?: number;
   /**
@@ -52,7 +53,7 @@ export interface GracefulDrainOptions extends DrainOptions {
    * platform that a handler can catch (not `SIGKILL` or `SIGSTOP`).
    * @default ['SIGTERM']
    */
-  signals?: readonly NodeJS.Signals[];
+  signals?: readonly Exclude<NodeJS.Signals, 'SIGKILL' | 'SIGSTOP'>[];
 }
 
 export interface ServeOptions extends AttachOptions, GracefulDrainOptions {

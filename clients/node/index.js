@@ -93,8 +93,8 @@ function describe(value) {
 }
 
 function makeLogger(log) {
-  if (log === false || log === null) return () => {};
-  if (log === undefined || log === true) {
+  if (log === false) return () => {};
+  if (log === undefined) {
     return (msg) => {
       process.stderr.write(`[containerflip-node pid ${process.pid}] ${msg}\n`);
     };

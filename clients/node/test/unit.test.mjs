@@ -139,11 +139,11 @@ describe('notifyReady', () => {
     });
   });
 
-  test('rejects when the write fails, even though the connection was made', async (t) => {
+  test('rejects when the notify socket closes before READY=1 is delivered', async (t) => {
     const n = await notifyServer(t);
     await withEnv({ NOTIFY_SOCKET: n.env }, async () => {
-      // connect(2) on a unix socket completes at once, into the listener's
-      // queue; closing the listener before the write resets that connection.
+      // Closing the listener resets the connection still in its queue: the
+      // helper says so rather than resolving as if READY=1 had arrived.
       const sent = notifyReady();
       n.server.close();
       await assert.rejects(sent, (err) => {
@@ -264,6 +264,17 @@ describe('attach', () => {
       t.after(() => closeServer(server));
       await attach(server);
       assert.ok(server.address().port > 0);
+    });
+  });
+
+  test('standalone: an empty $PORT counts as unset (ephemeral port)', async (t) => {
+    await withEnv({ ...STANDALONE, PORT: '' }, async () => {
+      const server = http.createServer((req, res) => res.end('empty PORT'));
+      t.after(() => closeServer(server));
+      assert.equal(await attach(server), server);
+      const { port } = server.address();
+      assert.ok(port > 0);
+      assert.equal((await request(port)).body, 'empty PORT');
     });
   });
 
@@ -390,6 +401,9 @@ describe('serve', () => {
     await assert.rejects(serve(http.createServer(), { graceMs: -1 }), TypeError);
     await assert.rejects(serve(http.createServer(), { signals: 'SIGTERM' }), TypeError);
     await assert.rejects(serve(http.createServer(), { log: 'yes' }), TypeError);
+    // As documented and typed: a function or false, nothing else.
+    await assert.rejects(serve(http.createServer(), { log: true }), /option log must be a function or false, got boolean true/);
+    await assert.rejects(serve(http.createServer(), { log: null }), /option log must be a function or false, got null/);
     await assert.rejects(serve('server'), TypeError);
   });
 
@@ -595,14 +609,63 @@ describe('drain', () => {
     assert.ok(lines.some((l) => /\(idle\)/.test(l)), lines.join('\n'));
   });
 
+  test('keeps sweeping: a connection that goes idle after the first sweep is closed too', async (t) => {
+    // B's response left with keep-alive before the drain began, so the drain
+    // cannot mark it; B goes idle only after A (idle from the start) has been
+    // closed by a sweep. Only a later sweep can close B and let the drain end.
+    let streaming = null;
+    const server = http.createServer((req, res) => {
+      if (req.url === '/stream') {
+        res.writeHead(200, { 'Content-Type': 'text/plain' });
+        res.write('part 1\n');
+        streaming = res;
+      } else {
+        res.end('ok');
+      }
+    });
+    server.keepAliveTimeout = 0; // Node's own idle timeout must not be what closes them
+    await withEnv(STANDALONE, () => attach(server));
+    const { port } = server.address();
+    const agentA = new http.Agent({ keepAlive: true });
+    const agentB = new http.Agent({ keepAlive: true });
+    t.after(() => { agentA.destroy(); agentB.destroy(); });
+
+    await request(port, { agent: agentA });
+    const [socketA] = Object.values(agentA.freeSockets).flat();
+    assert.ok(socketA, 'a pooled idle socket');
+    const closedA = once(socketA, 'close');
+
+    const arrived = once(server, 'request');
+    const b = request(port, { agent: agentB, path: '/stream' });
+    await withDeadline(arrived, 'the streaming request to arrive');
+    assert.ok(streaming?.headersSent, 'B\'s headers left before the drain');
+
+    const { lines, log } = collectLog();
+    const drained = drain(server, { graceMs: 600000, log });
+    await withDeadline(closedA, 'the first sweep to close the idle socket A');
+
+    streaming.end('part 2\n');
+    const rb = await withDeadline(b, 'B\'s response');
+    assert.equal(rb.headers.connection, 'keep-alive', 'B was answered as keep-alive: only a sweep can close it');
+    const [socketB] = Object.values(agentB.freeSockets).flat();
+    assert.ok(socketB, 'B is a pooled idle socket now');
+    const closedB = once(socketB, 'close');
+
+    await withDeadline(drained, 'the drain to end once a later sweep closed B');
+    await withDeadline(closedB, 'B to be closed by the worker');
+    assert.ok(lines.some((l) => /drained in \d+ms \(idle\)/.test(l)), lines.join('\n'));
+  });
+
   test('cuts what is left at the grace deadline and resolves', async (t) => {
     const server = http.createServer(() => { /* never answers */ });
     await withEnv(STANDALONE, () => attach(server));
+    t.after(() => server.closeAllConnections()); // only if the drain left one open
     const stuck = request(server.address().port, { path: '/never' });
     await withDeadline(once(server, 'request'), 'the request to arrive');
     const { lines, log } = collectLog();
     await withDeadline(drain(server, { graceMs: 50, log }), 'the forced end of the drain');
-    await assert.rejects(stuck, (err) => ['ECONNRESET'].includes(err.code) || /socket hang up/.test(err.message));
+    // Wrapped so that a connection left open fails here, not at the file's timeout.
+    await assert.rejects(withDeadline(stuck, 'the stuck request to be cut'), (err) => ['ECONNRESET'].includes(err.code) || /socket hang up/.test(err.message));
     assert.ok(lines.some((l) => /grace period of 50ms over: closing 1 remaining/.test(l)), lines.join('\n'));
     assert.equal(isDraining(), true);
   });

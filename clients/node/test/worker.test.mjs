@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 
-import { spawnWorker, request, withDeadline, withFreePort, FIXTURES, EXAMPLES } from './helpers.mjs';
+import { spawnWorker, request, withDeadline, withFreePort, listeningSockets, FIXTURES, EXAMPLES } from './helpers.mjs';
 
 // Let the fixture's held response go (SIGUSR2): it completes, marked
 // `Connection: close` by the drain, and the worker then exits 0.
@@ -146,6 +146,20 @@ describe('drain on SIGTERM', () => {
     assert.match(w.stderr.text(), /grace period of 200ms over: closing 1 remaining connection/);
   });
 
+  test('the graceMs option sets the signal-started drain\'s deadline, over $DRAIN_GRACE_MS', async (t) => {
+    // The environment says 600000 ms, far beyond every deadline here: the
+    // worker can only end in time by honouring the option.
+    const w = await spawnWorker(t, WORKER, { env: { DRAIN_GRACE_MS: '600000', CF_OPTIONS: JSON.stringify({ graceMs: 200 }) } });
+    await w.notify.first();
+    const stuck = request(w.port, { path: '/hold' }).then(() => null, (err) => err);
+    await w.stdout.waitFor(/^HELD 1$/);
+    w.child.kill('SIGTERM');
+    assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
+    assert.ok((await stuck) instanceof Error, 'the stuck request was cut');
+    assert.match(w.stderr.text(), /draining: no longer accepting, grace 200ms/);
+    assert.match(w.stderr.text(), /grace period of 200ms over: closing 1 remaining connection/);
+  });
+
   test('a second SIGTERM during the drain changes nothing: the held response completes, exit 0', async (t) => {
     // The handler must stay subscribed: with no listener left, the second
     // SIGTERM would take its default action and kill the worker mid-drain.
@@ -265,6 +279,17 @@ describe('options and defaults in a real process', () => {
     assert.deepEqual(w.stderr.lines, [], 'nothing on stderr when a logger is given');
   });
 
+  test('with LISTEN_FDS a $PORT in the environment is ignored: it serves on fd 3 only', async (t) => {
+    const w = await spawnWorker(t, WORKER, { env: { PORT: '0' } });
+    assert.equal(await w.notify.first(), 'READY=1\n');
+    const serving = await w.stdout.waitFor(/^SERVING (\{.*\}) /);
+    assert.equal(JSON.parse(serving.match[1]).port, w.port, 'listening on the inherited socket');
+    assert.deepEqual(listeningSockets(w.child.pid).map((s) => s.fd), [3], 'no socket of its own');
+    assert.equal((await request(w.port)).status, 200);
+    w.child.kill('SIGTERM');
+    assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
+  });
+
   test('standalone: without LISTEN_FDS it serves on $PORT, READY=1 is a no-op, SIGTERM exits 0', async (t) => {
     // The port was free a moment ago; if another test file took it since,
     // the worker exits with EADDRINUSE and we try another one.
@@ -342,5 +367,21 @@ describe('cluster readiness is aggregated over every child', () => {
     assert.deepEqual(await w.notify.soFar(), ['READY=1\n'], 'exactly one READY=1');
     assert.equal(w.stderr.lines.filter((l) => /listening on fd 3/.test(l)).length, 2, w.stderr.text());
     assert.equal(w.stderr.lines.filter((l) => /exiting with status 0/.test(l)).length, 2, w.stderr.text());
+  });
+});
+
+describe('no monkey-patching', () => {
+  test('a whole life (serve, a keep-alive request, SIGTERM drain, exit) leaves every built-in prototype, process method and the server\'s own methods as they were', async (t) => {
+    // The fixture snapshots them before it even imports the helper and
+    // compares at exit, after the helper's drain and process.exit(0).
+    const w = await spawnWorker(t, path.join(FIXTURES, 'untouched.mjs'), { env: { DRAIN_GRACE_MS: '600000' } });
+    assert.equal(await w.notify.first(), 'READY=1\n');
+    await w.stdout.waitFor(/^SERVING$/);
+    const agent = new http.Agent({ keepAlive: true });
+    t.after(() => agent.destroy());
+    assert.equal((await request(w.port, { agent })).body, 'ok\n');
+    w.child.kill('SIGTERM');
+    assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
+    assert.ok(w.stdout.find(/^UNTOUCHED$/), `the helper patched something:\n${w.stdout.text()}`);
   });
 });

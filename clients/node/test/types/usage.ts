@@ -63,6 +63,8 @@ async function main(): Promise<void> {
   drain(server, { log: true });
   // @ts-expect-error not a signal name
   gracefulDrain(server, { signals: ['SIGNOPE'] });
+  // @ts-expect-error SIGKILL cannot be caught
+  gracefulDrain(server, { signals: ['SIGKILL'] });
   // @ts-expect-error serve needs an http(s) server
   await serve(net.createServer());
   // @ts-expect-error notifyReady takes no arguments
