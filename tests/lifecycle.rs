@@ -421,23 +421,31 @@ fn backoff_resets_after_ten_seconds_of_service_across_deploys() {
     assert_eq!(served_gen(addr), 5);
 }
 
+/// A supervisor whose first generation served and was then SIGKILLed,
+/// and whose every later worker exits before READY=1 (its env file says
+/// so): a crash loop, restarting with the backoff.
+fn crash_loop(dir: &TempDir) -> Supervisor {
+    let env_file = dir.join("env");
+    write_file(&env_file, "");
+    let sup = Supervisor::start(
+        dir,
+        &worker_args(&["--env-file", env_file.to_str().unwrap()]),
+        &[],
+    );
+    let p1 = sup.wait_ready(1);
+    write_file(&env_file, "WORKER_EXIT_BEFORE_READY=1\n");
+    kill(p1 as i32, libc::SIGKILL);
+    sup
+}
+
 /// Every restart fails (the env file makes new workers exit 1 before
 /// READY=1): the backoff doubles from 100 ms. A deploy during the backoff
 /// starts at once: its result comes before any further restart.
 #[test]
 fn crash_restart_backoff_doubles_and_a_deploy_cuts_it_short() {
     let dir = TempDir::new("backoff");
-    let env_file = dir.join("env");
-    write_file(&env_file, "");
-    let sup = Supervisor::start(
-        &dir,
-        &worker_args(&["--env-file", env_file.to_str().unwrap()]),
-        &[],
-    );
+    let sup = crash_loop(&dir);
     let addr = sup.listen_addr();
-    let p1 = sup.wait_ready(1);
-    write_file(&env_file, "WORKER_EXIT_BEFORE_READY=1\n");
-    kill(p1 as i32, libc::SIGKILL);
 
     // Up to 6.4 s, so the deploy below has a generous window to arrive
     // while the supervisor waits out the backoff.
@@ -718,16 +726,7 @@ fn a_stop_signal_before_the_exec_reaches_the_worker_after_it() {
 #[test]
 fn crash_restart_backoff_stops_growing_at_ten_seconds() {
     let dir = TempDir::new("backoff-cap");
-    let env_file = dir.join("env");
-    write_file(&env_file, "");
-    let sup = Supervisor::start(
-        &dir,
-        &worker_args(&["--env-file", env_file.to_str().unwrap()]),
-        &[],
-    );
-    let p1 = sup.wait_ready(1);
-    write_file(&env_file, "WORKER_EXIT_BEFORE_READY=1\n");
-    kill(p1 as i32, libc::SIGKILL);
+    let sup = crash_loop(&dir);
 
     let want = [
         "100ms", "200ms", "400ms", "800ms", "1600ms", "3200ms", "6400ms", "10s", "10s",

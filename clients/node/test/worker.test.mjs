@@ -135,30 +135,25 @@ describe('drain on SIGTERM', () => {
     assert.match(w.stderr.text(), /exiting with status 0/);
   });
 
-  test('at the grace deadline the rest is cut and the worker still exits 0', async (t) => {
-    const w = await spawnWorker(t, WORKER, { env: { DRAIN_GRACE_MS: '200' } });
-    await w.notify.first();
-    const stuck = request(w.port, { path: '/hold' }).then(() => null, (err) => err);
-    await w.stdout.waitFor(/^HELD 1$/);
-    w.child.kill('SIGTERM');
-    assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
-    assert.ok((await stuck) instanceof Error, 'the stuck request was cut');
-    assert.match(w.stderr.text(), /grace period of 200ms over: closing 1 remaining connection/);
-  });
-
-  test('the graceMs option sets the signal-started drain\'s deadline, over $DRAIN_GRACE_MS', async (t) => {
-    // The environment says 600000 ms, far beyond every deadline here: the
-    // worker can only end in time by honouring the option.
-    const w = await spawnWorker(t, WORKER, { env: { DRAIN_GRACE_MS: '600000', CF_OPTIONS: JSON.stringify({ graceMs: 200 }) } });
-    await w.notify.first();
-    const stuck = request(w.port, { path: '/hold' }).then(() => null, (err) => err);
-    await w.stdout.waitFor(/^HELD 1$/);
-    w.child.kill('SIGTERM');
-    assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
-    assert.ok((await stuck) instanceof Error, 'the stuck request was cut');
-    assert.match(w.stderr.text(), /draining: no longer accepting, grace 200ms/);
-    assert.match(w.stderr.text(), /grace period of 200ms over: closing 1 remaining connection/);
-  });
+  // The environment's grace, and the graceMs option over an environment
+  // that says 600000 ms (far beyond every deadline here): the worker can
+  // only end in time by honouring the option.
+  for (const [what, env] of [
+    ['$DRAIN_GRACE_MS', { DRAIN_GRACE_MS: '200' }],
+    ['the graceMs option, over $DRAIN_GRACE_MS', { DRAIN_GRACE_MS: '600000', CF_OPTIONS: JSON.stringify({ graceMs: 200 }) }],
+  ]) {
+    test(`at the grace deadline (${what}) the rest is cut and the worker still exits 0`, async (t) => {
+      const w = await spawnWorker(t, WORKER, { env });
+      await w.notify.first();
+      const stuck = request(w.port, { path: '/hold' }).then(() => null, (err) => err);
+      await w.stdout.waitFor(/^HELD 1$/);
+      w.child.kill('SIGTERM');
+      assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
+      assert.ok((await stuck) instanceof Error, 'the stuck request was cut');
+      assert.match(w.stderr.text(), /draining: no longer accepting, grace 200ms/);
+      assert.match(w.stderr.text(), /grace period of 200ms over: closing 1 remaining connection/);
+    });
+  }
 
   test('a second SIGTERM during the drain changes nothing: the held response completes, exit 0', async (t) => {
     // The handler must stay subscribed: with no listener left, the second
