@@ -397,16 +397,8 @@ fn backoff_resets_after_ten_seconds_of_service_across_deploys() {
     kill(sup.wait_ready(1) as i32, libc::SIGKILL);
     kill(sup.wait_ready(2) as i32, libc::SIGKILL);
     sup.wait_ready(3);
-    // 10 s of service: the clock is a supervisor started now whose
-    // 10-second ready timeout has to expire.
-    let clock_dir = TempDir::new("backoff-clock");
-    let mut clock = Supervisor::start(
-        &clock_dir,
-        &worker_args(&["--ready-timeout", "10s"]),
-        &[("WORKER_NO_READY", "1")],
-    );
-    clock.wait_line("no READY=1 within 10s");
-    assert_eq!(clock.wait_exit().code(), Some(1));
+    // 10 s of service.
+    ten_seconds_pass();
     // A deploy is no gap in the service; its generation then crashes.
     let out = client(&dir, "deploy", &[]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -419,6 +411,20 @@ fn backoff_resets_after_ten_seconds_of_service_across_deploys() {
         .collect();
     assert_eq!(delays, ["100ms", "200ms", "100ms"], "{:?}", sup.lines());
     assert_eq!(served_gen(addr), 5);
+}
+
+/// Returns once 10 s have passed (the backoff's reset time), measured by
+/// the supervisor's own clock: one started now whose 10-second ready
+/// timeout has to expire.
+fn ten_seconds_pass() {
+    let dir = TempDir::new("ten-seconds");
+    let mut clock = Supervisor::start(
+        &dir,
+        &worker_args(&["--ready-timeout", "10s"]),
+        &[("WORKER_NO_READY", "1")],
+    );
+    clock.wait_line("no READY=1 within 10s");
+    assert_eq!(clock.wait_exit().code(), Some(1));
 }
 
 /// A supervisor whose first generation served and was then SIGKILLed,
@@ -792,16 +798,8 @@ fn stopping_after_ten_seconds_of_service_is_replaced_at_once() {
     let addr = sup.listen_addr();
     let p1 = sup.wait_ready(1);
     let sock = notify_socket(&sup.records, p1);
-    // 10 s of service: the clock is a supervisor started now whose
-    // 10-second ready timeout has to expire.
-    let clock_dir = TempDir::new("stopping-clock");
-    let mut clock = Supervisor::start(
-        &clock_dir,
-        &worker_args(&["--ready-timeout", "10s"]),
-        &[("WORKER_NO_READY", "1")],
-    );
-    clock.wait_line("no READY=1 within 10s");
-    assert_eq!(clock.wait_exit().code(), Some(1));
+    // 10 s of service.
+    ten_seconds_pass();
 
     send_dgram(&sock, b"STOPPING=1");
     sup.wait_line(&format!("gen 1 pid {p1} is leaving on its own"));
