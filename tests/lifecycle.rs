@@ -404,13 +404,21 @@ fn backoff_resets_after_ten_seconds_of_service_across_deploys() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     kill(sup.wait_ready(4) as i32, libc::SIGKILL);
     sup.wait_ready(5);
-    let delays: Vec<String> = sup
-        .lines()
+    assert_eq!(
+        restart_delays(&sup),
+        ["100ms", "200ms", "100ms"],
+        "{:?}",
+        sup.lines()
+    );
+    assert_eq!(served_gen(addr), 5);
+}
+
+/// The delays of the `restarting in …` lines so far, in order.
+fn restart_delays(sup: &Supervisor) -> Vec<String> {
+    sup.lines()
         .iter()
         .filter_map(|l| l.split_once("restarting in ").map(|(_, d)| d.to_string()))
-        .collect();
-    assert_eq!(delays, ["100ms", "200ms", "100ms"], "{:?}", sup.lines());
-    assert_eq!(served_gen(addr), 5);
+        .collect()
 }
 
 /// Returns once 10 s have passed (the backoff's reset time), measured by
@@ -467,13 +475,12 @@ fn crash_restart_backoff_doubles_and_a_deploy_cuts_it_short() {
         .and_then(|r| r.split(' ').next())
         .and_then(|k| k.parse().ok())
         .unwrap_or_else(|| panic!("no generation in {last_delay:?}"));
-    let delays: Vec<String> = sup
-        .lines()
-        .iter()
-        .filter_map(|l| l.split_once("restarting in ").map(|(_, d)| d.to_string()))
-        .take(want.len())
-        .collect();
-    assert_eq!(delays, want, "{:?}", sup.lines());
+    assert_eq!(
+        restart_delays(&sup)[..want.len()],
+        want,
+        "{:?}",
+        sup.lines()
+    );
     // Each restart in between failed.
     assert!(sup.count("deploy failed: exited with status 1 before READY=1") >= want.len() - 1);
 
@@ -748,13 +755,12 @@ fn crash_restart_backoff_stops_growing_at_ten_seconds() {
             assert_eq!(out.status.code(), Some(1), "{out:?}");
         }
     }
-    let delays: Vec<String> = sup
-        .lines()
-        .iter()
-        .filter_map(|l| l.split_once("restarting in ").map(|(_, d)| d.to_string()))
-        .take(want.len())
-        .collect();
-    assert_eq!(delays, want, "{:?}", sup.lines());
+    assert_eq!(
+        restart_delays(&sup)[..want.len()],
+        want,
+        "{:?}",
+        sup.lines()
+    );
 }
 
 /// SPEC §7: USR1, USR2, QUIT, WINCH, TTIN and TTOU go to the active
