@@ -23,7 +23,7 @@ Usage:
   containerflip rollback [--control PATH]
   containerflip status [--control PATH] [--json] [--check]
   containerflip stop [--control PATH]
-  containerflip --help | --version
+  containerflip --help [COMMAND] | --version
 
 The supervisor (run) binds the listening sockets once and hands them to
 each worker generation as fd 3 and up (LISTEN_FDS). A deploy (SIGHUP or
@@ -32,7 +32,7 @@ retires the old one once the new one says READY=1; a new generation that
 fails to become ready is stopped and the old one keeps serving.
 
 Options:
-  -h, --help      print this help
+  -h, --help      print this help (or a command's: --help COMMAND)
   -V, --version   print the version
 
 Run 'containerflip COMMAND --help' for a command's options.
@@ -209,8 +209,22 @@ impl std::fmt::Display for Usage {
 }
 
 impl From<lexopt::Error> for Usage {
+    /// lexopt's own text quotes values with `{:?}`; ours are shown raw
+    /// and escaped once, by `Display`.
     fn from(e: lexopt::Error) -> Usage {
-        Usage::new(e.to_string())
+        use lexopt::Error as E;
+        Usage::new(match e {
+            E::UnexpectedOption(o) => format!("invalid option '{o}'"),
+            E::UnexpectedArgument(a) => format!("unexpected argument '{}'", a.to_string_lossy()),
+            E::UnexpectedValue { option, value } => {
+                format!("{option} takes no value, got '{}'", value.to_string_lossy())
+            }
+            E::MissingValue {
+                option: Some(option),
+            } => format!("{option}: missing value"),
+            E::NonUnicodeValue(v) => format!("invalid UTF-8 in '{}'", v.to_string_lossy()),
+            e => e.to_string(),
+        })
     }
 }
 
@@ -223,7 +237,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command> {
         None => Err(Usage::new(
             "missing command: run, deploy, rollback, status or stop",
         )),
-        Some(Short('h') | Long("help")) => alone(p, Command::Help(HELP)),
+        Some(Short('h') | Long("help")) => help_on(p),
         Some(Short('V') | Long("version")) => alone(p, Command::Version),
         Some(Value(cmd)) => match cmd.to_str() {
             Some("run") => parse_run(p, &args).map_err(|e| e.of("run")),
@@ -244,7 +258,29 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command> {
     }
 }
 
-/// `--help` and `--version` take nothing after them.
+/// `--help [COMMAND]`: the help of the command named, if any.
+fn help_on(mut p: lexopt::Parser) -> Result<Command> {
+    let text = match p.next()? {
+        None => return Ok(Command::Help(HELP)),
+        Some(Value(cmd)) => match cmd.to_str() {
+            Some("run") => RUN_HELP,
+            Some("deploy") => DEPLOY_HELP,
+            Some("rollback") => ROLLBACK_HELP,
+            Some("status") => STATUS_HELP,
+            Some("stop") => STOP_HELP,
+            _ => {
+                return Err(Usage::new(format!(
+                    "--help: unknown command '{}'",
+                    cmd.to_string_lossy()
+                )));
+            }
+        },
+        Some(arg) => return Err(arg.unexpected().into()),
+    };
+    alone(p, Command::Help(text))
+}
+
+/// `--version`, and `--help COMMAND`, take nothing after them.
 fn alone(mut p: lexopt::Parser, command: Command) -> Result<Command> {
     match p.next()? {
         None => Ok(command),

@@ -378,40 +378,40 @@ fn exec_child(plan: &mut ChildPlan<'_>) -> ! {
         let empty = SigSet::empty();
         libc::sigprocmask(libc::SIG_SETMASK, &empty.0, std::ptr::null_mut());
         let errno = libc::__errno_location();
-        // A PATH search with nothing to run says ENOENT, as a shell does:
-        // never a file of that name from the worker's directory.
-        *errno = libc::ENOENT;
+        // As execvp(3): a PATH search passes over a directory where the
+        // name is missing or not a runnable file, and when nothing ran,
+        // says EACCES if some file of that name was not executable, else
+        // ENOENT (never a file of that name from the worker's directory).
+        let mut failed = libc::ENOENT;
+        let mut denied = false;
         for path in plan.paths {
             libc::execve(path.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+            let e = *errno;
             if !plan.searched {
                 // execve says EACCES for a directory: say what it is.
-                let mut st: libc::stat = std::mem::zeroed();
-                if *errno == libc::EACCES
-                    && libc::stat(path.as_ptr(), &mut st) == 0
-                    && st.st_mode & libc::S_IFMT == libc::S_IFDIR
-                {
-                    *errno = libc::EISDIR;
-                }
+                failed = if e == libc::EACCES && is_dir(path) {
+                    libc::EISDIR
+                } else {
+                    e
+                };
                 break;
             }
-            // As execvp(3): not there, or not a runnable file there, is
-            // the next directory's turn; anything else is the answer.
-            match *errno {
-                libc::ENOENT
-                | libc::ENOTDIR
-                | libc::EACCES
-                | libc::ELOOP
-                | libc::ENAMETOOLONG
-                | libc::ESTALE
-                | libc::ENODEV
-                | libc::ETIMEDOUT => *errno = libc::ENOENT,
-                _ => break,
+            match e {
+                libc::EACCES => denied |= !is_dir(path),
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+                _ => {
+                    (failed, denied) = (e, false);
+                    break;
+                }
             }
         }
-        let code = match *errno {
-            libc::EACCES | libc::ENOEXEC | libc::EISDIR => 126,
-            _ => 127,
-        };
+        if denied {
+            failed = libc::EACCES;
+        }
+        *errno = failed;
+        // The shell's convention (POSIX): 127 not found, 126 found but
+        // could not be run.
+        let code = if failed == libc::ENOENT { 127 } else { 126 };
         fail(error_pipe, Stage::Exec, code);
     }
 }
@@ -467,6 +467,21 @@ unsafe fn fail(pipe: RawFd, stage: Stage, code: i32) -> ! {
         let msg = [stage as u8, errno[0], errno[1], errno[2], errno[3]];
         libc::write(pipe, msg.as_ptr().cast(), msg.len());
         libc::_exit(code)
+    }
+}
+
+/// Whether `path` names a directory (`stat(2)`; child side: no
+/// allocation, async-signal-safe).
+///
+/// # Safety
+///
+/// Only the child calls it, between fork and exec.
+unsafe fn is_dir(path: &CStr) -> bool {
+    // SAFETY: stat is async-signal-safe; `st` lives on this stack frame
+    // and `path` is NUL-terminated.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::stat(path.as_ptr(), &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFDIR
     }
 }
 

@@ -39,6 +39,14 @@ fn long_options(text: &str) -> BTreeSet<String> {
     out
 }
 
+/// `containerflip --help COMMAND` is `containerflip COMMAND --help`.
+#[test]
+fn help_names_a_command() {
+    for cmd in COMMANDS {
+        assert_eq!(help(&["--help", cmd]), help(&[cmd, "--help"]), "{cmd}");
+    }
+}
+
 fn help(args: &[&str]) -> String {
     let out = Command::new(bin()).args(args).output().expect("run --help");
     assert!(out.status.success(), "{args:?} exited {}", out.status);
@@ -691,6 +699,11 @@ fn usage_errors_are_one_line_and_exit_2() {
             "--listen 'fd:03': that descriptor is already given",
         ),
         (&["--version", "extra"], "extra"),
+        (&["--help", "bogus"], "--help: unknown command 'bogus'"),
+        (&["--help", "run", "x"], "unexpected argument 'x'"),
+        // Shown as typed, escaped once (lexopt's own text would quote it
+        // with {:?} and escape it twice).
+        (&["status", "a\nb"], "status: unexpected argument 'a\\nb'"),
         // The pointer names the command's own --help.
         (&["status", "extra"], "(see 'containerflip status --help')"),
         // Words from the command line are escaped: still one line, and

@@ -1619,7 +1619,7 @@ fn a_worker_that_cannot_start_is_named_with_the_reason() {
 /// The PATH search (done by the child, as execvp(3) does): a directory or
 /// a file that is not executable under the name is passed over for the
 /// next PATH directory, and a relative PATH directory is the worker's
-/// (after --chdir).
+/// (after --chdir). With nothing runnable, the shell's exit statuses.
 #[test]
 fn the_path_search_passes_over_what_cannot_run() {
     let dir = TempDir::new("pathsearch");
@@ -1647,6 +1647,25 @@ fn the_path_search_passes_over_what_cannot_run() {
     );
     sup.wait_ready(1);
     assert_eq!(served_gen(sup.listen_addr()), 1);
+    drop(sup);
+    // Nothing runnable: a file of that name that is not executable is
+    // "Permission denied" (126), a directory alone is "not found" (127),
+    // as a shell says.
+    for (path, code, error) in [
+        (&d2, 126, "Permission denied"),
+        (&d1, 127, "No such file or directory"),
+    ] {
+        let path = format!("{}", path.display());
+        let mut sup = Supervisor::start(
+            &dir,
+            &["--listen", "127.0.0.1:0", "--", "cf-prog"],
+            &[("PATH", path.as_str())],
+        );
+        assert_eq!(sup.wait_exit().code(), Some(code), "{path}");
+        sup.wait_line(&format!(
+            "deploy failed: unable to execute cf-prog: {error} (exited with status {code})"
+        ));
+    }
 }
 
 /// Stopped while the active generation has crashed and nothing replaced
