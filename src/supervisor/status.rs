@@ -6,6 +6,7 @@ use std::fmt::Write;
 use std::time::{Duration, Instant};
 
 use super::Supervisor;
+use crate::generation::State;
 use crate::log::shell_words;
 use crate::protocol::StatusFormat;
 
@@ -96,7 +97,8 @@ fn text(s: &Supervisor, now: Instant) -> String {
             .map(|r| format!("{}ms", ms(r - g.started)))
             .unwrap_or_else(|| "-".into());
         let mut st = g.state.name().to_string();
-        if s.active == Some(g.n) {
+        // The active one, while it serves (a stop drains it too).
+        if s.active == Some(g.n) && g.state == State::Ready {
             st = "active".into();
         }
         if g.exit.is_some() {
