@@ -11,6 +11,7 @@ use rustix::process::WaitStatus;
 
 use crate::notify::NotifySocket;
 use crate::signals;
+use crate::spawn::Child;
 use crate::sys;
 
 /// How a process ended.
@@ -110,7 +111,43 @@ pub struct Generation {
     pub killed: bool,
 }
 
+/// ERRNO= and EXTEND_TIMEOUT_USEC= lines logged per generation.
+const NOTIFY_LOG_LINES: u32 = 64;
+
 impl Generation {
+    /// Generation `n`, just spawned as `child` and starting: ready by
+    /// `ready_deadline` or failed.
+    pub fn new(
+        n: u64,
+        child: Child,
+        notify: NotifySocket,
+        command: Rc<[OsString]>,
+        now: Instant,
+        ready_deadline: Option<Instant>,
+    ) -> Generation {
+        Generation {
+            n,
+            pid: child.pid,
+            pidfd: Some(child.pidfd),
+            exec_report: Some(child.exec_report),
+            deferred_signal: None,
+            notify: Some(notify),
+            command,
+            state: State::Starting,
+            started: now,
+            ready_at: None,
+            deadline: ready_deadline,
+            extended: false,
+            exec_error: None,
+            status_text: None,
+            exit: None,
+            leaving: false,
+            noisy: false,
+            notify_log_left: NOTIFY_LOG_LINES + 1,
+            killed: false,
+        }
+    }
+
     /// Whether one more ERRNO=/EXTEND_TIMEOUT_USEC= line may be logged;
     /// says so once when the allowance runs out.
     pub fn may_log_notify(&mut self) -> bool {

@@ -72,8 +72,6 @@ const POLL_RETRY: Duration = Duration::from_millis(100);
 
 /// How long a failed new generation gets between stop signal and SIGKILL.
 const FAILED_GRACE: Duration = Duration::from_secs(5);
-/// ERRNO= and EXTEND_TIMEOUT_USEC= lines logged per generation.
-const NOTIFY_LOG_LINES: u32 = 64;
 
 /// Signals passed on to the active worker (SPEC §7).
 const FORWARDED: [i32; 6] = [
@@ -589,27 +587,8 @@ impl Supervisor {
             Ok(c) => c,
             Err(reason) => return self.spawn_failed(n, origin, reason, waiters, now),
         };
-        let g = Generation {
-            n,
-            pid: child.pid,
-            pidfd: Some(child.pidfd),
-            exec_report: Some(child.exec_report),
-            deferred_signal: None,
-            notify: Some(notify),
-            command: command.clone(),
-            state: State::Starting,
-            started: now,
-            ready_at: None,
-            deadline: self.cfg.ready_timeout.map(|t| now + t),
-            extended: false,
-            exec_error: None,
-            status_text: None,
-            exit: None,
-            leaving: false,
-            noisy: false,
-            notify_log_left: NOTIFY_LOG_LINES + 1,
-            killed: false,
-        };
+        let ready_deadline = self.cfg.ready_timeout.map(|t| now + t);
+        let g = Generation::new(n, child, notify, command.clone(), now, ready_deadline);
         info!("{} spawned", g.tag());
         debug!("{} command: {}", g.tag(), crate::log::shell_words(&command));
         let line = format!("spawned gen {n} pid {}", g.pid);
@@ -916,9 +895,14 @@ impl Supervisor {
                 stop.clean = false;
             }
         }
-        // Whatever the worker left in its group gets the stop signal and
-        // a deadline: the drain's, or 5 s for a failed deploy's (§5.3).
-        // Not after a SIGKILL of the group: that is already on its way.
+        self.drain_leftovers(n, now);
+    }
+
+    /// Whatever generation `n`'s worker left in its group gets the stop
+    /// signal and a deadline: the drain's, or 5 s for a failed deploy's
+    /// (§5.3). Not after a SIGKILL of the group: that is already on its
+    /// way.
+    fn drain_leftovers(&mut self, n: u64, now: Instant) {
         let sig = self.cfg.stop_signal;
         let drain = self.cfg.drain_timeout;
         if let Some(g) = self.gen_mut(n)

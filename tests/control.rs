@@ -2116,9 +2116,15 @@ fn one_sigterm_after_stop_keeps_draining() {
     // status says so, and the health check fails: nothing new is served.
     assert_eq!(json_field(&dir, "d['state']"), "\"stopping\"");
     let text = cf(&dir, "status", &[]);
-    assert!(text.stdout.contains(", stopping (active gen 1)"), "{text:?}");
+    assert!(
+        text.stdout.contains(", stopping (active gen 1)"),
+        "{text:?}"
+    );
     // Its generation row says draining, not active.
-    let row = text.stdout.lines().find(|l| l.trim_start().starts_with("1 "));
+    let row = text
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("1 "));
     assert!(row.is_some_and(|r| r.contains("draining")), "{text:?}");
     assert_eq!(cf(&dir, "status", &["--check"]).code(), 1);
     // The drain is intact: the held connection is answered and closed.
