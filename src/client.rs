@@ -163,14 +163,13 @@ fn exchange(
     exchange_with(path, request, timeout, each, &mut |_| {})
 }
 
-/// [`exchange`], calling `connected` with the stream first.
-fn exchange_with(
+/// Connect to the control socket at `path` (the default path when
+/// None) within the first-reply deadline, and check that whoever listens
+/// there is root or us. Also returns the path as shown in messages.
+fn connect_checked(
     path: Option<PathBuf>,
-    request: &[u8],
     timeout: Option<Duration>,
-    each: &mut dyn FnMut(&str, &str),
-    connected: &mut dyn FnMut(&UnixStream),
-) -> Result<Outcome, (i32, String)> {
+) -> Result<(UnixStream, String), (i32, String)> {
     let path = path.unwrap_or_else(control::default_path);
     let shown = crate::log::printable(&path.to_string_lossy());
     // A stuck supervisor's full backlog would hold connect(2) for ever:
@@ -209,6 +208,18 @@ fn exchange_with(
             ));
         }
     }
+    Ok((stream, shown))
+}
+
+/// [`exchange`], calling `connected` with the stream first.
+fn exchange_with(
+    path: Option<PathBuf>,
+    request: &[u8],
+    timeout: Option<Duration>,
+    each: &mut dyn FnMut(&str, &str),
+    connected: &mut dyn FnMut(&UnixStream),
+) -> Result<Outcome, (i32, String)> {
+    let (stream, shown) = connect_checked(path, timeout)?;
     let lost = |e: std::io::Error| {
         (
             1,
