@@ -18,6 +18,7 @@ use rustix::event::PollFlags;
 use rustix::io::Errno;
 use rustix::net::{self, AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 
+use crate::accept::{self, Accepted};
 use crate::error::{Error, Result};
 use crate::listen::{self, Occupied};
 use crate::protocol::{
@@ -42,8 +43,6 @@ pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 /// Clients waiting on a deploy, rollback or stop at once; more are
 /// answered with an error, so that `status` always finds a slot.
 pub const MAX_WAITING: usize = 64;
-/// How long to stop accepting after running out of descriptors.
-pub const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 
 pub type ClientId = u64;
 
@@ -326,32 +325,10 @@ impl Control {
 
     fn accept(&mut self, now: Instant, out: &mut Vec<(ClientId, Request)>) {
         while self.has_room(now) {
-            let fd = match net::accept_with(&self.fd, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
-            {
-                Ok(fd) => fd,
-                Err(Errno::INTR | Errno::CONNABORTED) => continue,
-                Err(e @ (Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)) => {
-                    // Out of descriptors: the pending connection stays
-                    // readable, so stop polling the socket for a moment
-                    // instead of spinning on it.
-                    if !self.accept_failing {
-                        self.accept_failing = true;
-                        warn!(
-                            "control socket: unable to accept ({}); retrying every {}ms",
-                            crate::error::os_text(e),
-                            ACCEPT_PAUSE.as_millis()
-                        );
-                    }
-                    self.paused_until = Some(now + ACCEPT_PAUSE);
-                    return;
-                }
-                Err(_) => return,
-            };
-            self.accept_failing = false;
-            let me = rustix::process::getuid().as_raw();
-            match crate::sys::peer_cred(fd.as_fd()) {
-                Ok((_, uid)) if uid == 0 || uid == me => {}
-                Ok((pid, uid)) => {
+            let fd = match accept::next(&self.fd) {
+                Accepted::Peer(fd) => fd,
+                Accepted::Stranger { fd, pid, uid } => {
+                    let me = rustix::process::getuid().as_raw();
                     warn!(
                         "control connection from uid {uid} pid {pid} refused: only root and uid {me} may control this supervisor"
                     );
@@ -365,8 +342,21 @@ impl Control {
                     );
                     continue;
                 }
-                Err(_) => continue,
-            }
+                Accepted::Exhausted(e) => {
+                    if !self.accept_failing {
+                        self.accept_failing = true;
+                        warn!(
+                            "control socket: unable to accept ({}); retrying every {}ms",
+                            crate::error::os_text(e),
+                            accept::PAUSE.as_millis()
+                        );
+                    }
+                    self.paused_until = Some(now + accept::PAUSE);
+                    return;
+                }
+                Accepted::None => return,
+            };
+            self.accept_failing = false;
             let id = self.next_id;
             self.next_id += 1;
             self.clients.push(Client {

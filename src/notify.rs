@@ -24,6 +24,7 @@ use rustix::net::{
     SocketFlags, SocketType, sockopt,
 };
 
+use crate::accept::{self, Accepted};
 use crate::cli::NotifyMode;
 
 /// Largest message, per datagram or per stream connection.
@@ -37,8 +38,6 @@ pub const MAX_IGNORED: usize = 16;
 /// Datagrams read per poll wakeup, so that a worker flooding its notify
 /// socket cannot starve signals, the control socket or other generations.
 pub const DATAGRAMS_PER_WAKEUP: usize = 32;
-/// How long to stop accepting after running out of descriptors.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 
 /// One thing a worker told us.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,10 +175,6 @@ impl Drop for NotifySocket {
     }
 }
 
-fn uid_allowed(uid: u32) -> bool {
-    uid == 0 || uid == rustix::process::getuid().as_raw()
-}
-
 impl NotifySocket {
     /// Create and bind the socket at `path` (inside our 0700 directory).
     pub fn bind(path: &Path, mode: NotifyMode) -> rustix::io::Result<NotifySocket> {
@@ -302,11 +297,11 @@ impl NotifySocket {
                 }
             }
             match uid {
-                Some(u) if uid_allowed(u) => {}
+                Some(u) if accept::allowed(u) => {}
                 Some(u) => out.push(Event::Denied(u)),
                 None => out.push(Event::Malformed("datagram without credentials".into())),
             }
-            if uid.is_some_and(uid_allowed) {
+            if uid.is_some_and(accept::allowed) {
                 if msg.bytes > MAX_MESSAGE {
                     out.push(Event::Malformed(format!(
                         "datagram of {} bytes (limit {MAX_MESSAGE})",
@@ -322,30 +317,22 @@ impl NotifySocket {
 
     fn accept_streams(&mut self, now: Instant, out: &mut Vec<Event>) {
         while self.streams.len() < MAX_STREAMS {
-            let fd = match net::accept_with(&self.fd, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
-            {
-                Ok(fd) => fd,
-                Err(Errno::INTR | Errno::CONNABORTED) => continue,
-                Err(e @ (Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)) => {
-                    // The connection stays pending and the socket readable:
-                    // stop polling it for a moment rather than spin.
+            let fd = match accept::next(&self.fd) {
+                Accepted::Peer(fd) => fd,
+                Accepted::Stranger { uid, .. } => {
+                    out.push(Event::Denied(uid));
+                    continue;
+                }
+                Accepted::Exhausted(e) => {
                     out.push(Event::Malformed(format!(
                         "unable to accept a notify connection: {}",
                         crate::error::os_text(e)
                     )));
-                    self.paused_until = Some(now + ACCEPT_PAUSE);
+                    self.paused_until = Some(now + accept::PAUSE);
                     return;
                 }
-                Err(_) => return,
+                Accepted::None => return,
             };
-            match crate::sys::peer_cred(fd.as_fd()) {
-                Ok((_, uid)) if uid_allowed(uid) => {}
-                Ok((_, uid)) => {
-                    out.push(Event::Denied(uid));
-                    continue;
-                }
-                Err(_) => continue,
-            }
             self.streams.push(Stream {
                 fd,
                 buf: Vec::new(),
