@@ -441,10 +441,7 @@ impl Supervisor {
                 libc::SIGCHLD => reap = true,
                 libc::SIGHUP => self.request_deploy(Target::Current, Origin::Sighup, None, now),
                 libc::SIGTERM | libc::SIGINT => self.begin_stop(StopCause::Signal(sig), now),
-                s if FORWARDED.contains(&s) => match self
-                    .active
-                    .and_then(|n| self.gens.iter().find(|g| g.n == n))
-                {
+                s if FORWARDED.contains(&s) => match self.active_gen() {
                     Some(g) => {
                         debug!("{} forwarding {}", g.tag(), signals::name(s));
                         g.signal_worker(s);
@@ -733,9 +730,7 @@ impl Supervisor {
             &format!("deploy of gen {n} failed: {reason}"),
         );
         if let Some(u) = self.upstream_booted() {
-            let serving = self
-                .active
-                .and_then(|a| self.gens.iter().find(|g| g.n == a));
+            let serving = self.active_gen();
             u.send(&match serving {
                 Some(g) => format!("READY=1\nSTATUS=deploy failed; serving: {}", g.tag()),
                 None => "READY=1\nSTATUS=deploy failed; nothing is serving".to_string(),
@@ -752,10 +747,7 @@ impl Supervisor {
             return;
         }
         self.next_queued(now);
-        let leaving = self
-            .active
-            .and_then(|a| self.gens.iter().find(|g| g.n == a))
-            .is_some_and(|g| g.leaving);
+        let leaving = self.active_gen().is_some_and(|g| g.leaving);
         if self.deploy.is_none() && self.stop.is_none() {
             if leaving && origin != Some(Origin::Replace) {
                 // The active generation said STOPPING=1 while this deploy
@@ -1027,10 +1019,7 @@ impl Supervisor {
         }
         if self.replace_at.is_some_and(|t| t <= now) {
             self.replace_at = None;
-            let leaving = self
-                .active
-                .and_then(|n| self.gens.iter().find(|g| g.n == n))
-                .is_some_and(|g| g.leaving);
+            let leaving = self.active_gen().is_some_and(|g| g.leaving);
             if leaving {
                 self.request_deploy(Target::Current, Origin::Replace, None, now);
             }
@@ -1077,10 +1066,15 @@ impl Supervisor {
         }
     }
 
-    /// A ready generation serves (not leaving on its own).
-    fn serving(&self) -> bool {
+    /// The active generation, if any.
+    fn active_gen(&self) -> Option<&Generation> {
         self.active
             .and_then(|n| self.gens.iter().find(|g| g.n == n))
+    }
+
+    /// A ready generation serves (not leaving on its own).
+    fn serving(&self) -> bool {
+        self.active_gen()
             .is_some_and(|g| g.state == State::Ready && g.running() && !g.leaving)
     }
 
