@@ -130,6 +130,16 @@ enum Target {
 }
 
 /// Deploy requests that arrived while one ran, collapsed into one.
+impl Target {
+    /// What the log calls the request.
+    fn verb(&self) -> &'static str {
+        match self {
+            Target::Current | Target::Command(_) => "deploy",
+            Target::Rollback => "rollback",
+        }
+    }
+}
+
 struct Queued {
     target: Target,
     origin: Origin,
@@ -480,7 +490,8 @@ impl Supervisor {
             // Logged once per queued deploy: a storm of SIGHUPs (which
             // any worker can send) is one line, not one per signal.
             let line = format!(
-                "deploy requested ({}); queued behind gen {}",
+                "{} requested ({}); queued behind gen {}",
+                target.verb(),
                 origin.name(),
                 d.n
             );
@@ -514,7 +525,7 @@ impl Supervisor {
             }
             return;
         }
-        info!("deploy requested ({})", origin.name());
+        info!("{} requested ({})", target.verb(), origin.name());
         self.start_deploy(target, origin, waiter.into_iter().collect(), now);
     }
 

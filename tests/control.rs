@@ -815,6 +815,9 @@ fn rollback_without_a_previous_command_fails_clearly() {
     assert_eq!(out.code(), 1, "{out:?}");
     assert!(out.stderr.contains("nothing to roll back to"), "{out:?}");
     assert_eq!(sup.count(" spawned"), 2, "{:?}", sup.lines());
+    // The log names each request for what it was.
+    assert_eq!(sup.count("rollback requested (control socket)"), 2);
+    assert_eq!(sup.count("deploy requested (control socket)"), 1);
     assert_switched_to(&sup, addr, 2, &[1]);
 }
 
