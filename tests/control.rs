@@ -21,9 +21,9 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 
 use crate::common::{
-    Bg, DEADLINE, HOLD_SCRIPT, Out, Supervisor, TempDir, as_nobody, as_uid, bin, client_cmd,
-    client_cmd_at, control, get, is_root, kill, mkfifo, release, run_client, skipped, start_record,
-    stat_field, worker, write_file,
+    Bg, DEADLINE, HOLD_SCRIPT, NOBODY, Out, Supervisor, TempDir, as_nobody, as_uid, bin,
+    client_cmd, client_cmd_at, control, get, is_root, kill, mkfifo, release, run_client, skipped,
+    start_record, stat_field, worker, write_file,
 };
 use crate::common::{fd_count, notify_socket, send_dgram, wait_until};
 
@@ -2192,4 +2192,167 @@ fn a_listener_listening_again_keeps_its_backlog() {
     ));
     assert_served_by(addr, 1);
     assert_eq!(crate::listen::ss_backlog(addr.port()), Some(7));
+}
+
+/// A root client talks to a supervisor run by another user (an operator's
+/// `sudo containerflip status` on a service that runs as its own user):
+/// the "root or our own uid" rule of the client binds only non-root
+/// clients. The supervisor runs as uid 65534 (setpriv); the client as root.
+#[test]
+fn a_root_client_talks_to_a_supervisor_of_another_uid() {
+    use std::os::unix::fs::MetadataExt;
+    if !is_root() {
+        skipped(
+            "a_root_client_talks_to_a_supervisor_of_another_uid",
+            "needs root to run a supervisor as another uid",
+        );
+        return;
+    }
+    if let Err(why) = nobody_can_run_bin() {
+        skipped("a_root_client_talks_to_a_supervisor_of_another_uid", &why);
+        return;
+    }
+    let dir = TempDir::new("ctl-rootcli");
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let ctl = control(&dir);
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()])
+        .args(["run", "--listen", "127.0.0.1:0", "--control"])
+        .arg(&ctl)
+        .args(["--", worker()])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    let sup = Supervisor::spawn(cmd, &dir, &[]);
+    let addr = sup.listen_addr();
+    sup.wait_ready(1);
+    assert_eq!(std::fs::metadata(&ctl).unwrap().uid(), NOBODY);
+
+    assert_healthy(&dir, addr, 1);
+    let out = cf(&dir, "deploy", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(deployed(out.last()).0, 2, "{out:?}");
+    assert_switched_to(&sup, addr, 2, &[1]);
+}
+
+/// The control path taken over by another live socket (a second
+/// supervisor given the same path, say): the supervisor cannot bind it
+/// again, says so and carries on (SIGHUP still deploys), and at exit
+/// removes only the socket file it bound, never the one that replaced it.
+#[test]
+fn a_control_path_taken_by_another_socket_is_left_alone_at_exit() {
+    let dir = TempDir::new("ctl-taken");
+    let (mut sup, addr, _) = start(&dir, &[], &[]);
+    let ctl = control(&dir);
+    let other = dir.join("other.sock");
+    let _listener = UnixListener::bind(&other).unwrap();
+    std::fs::rename(&other, &ctl).unwrap();
+    sup.wait_line(&format!(
+        "control socket {} was removed or replaced and cannot be bound again",
+        ctl.display()
+    ));
+    sup.signal(libc::SIGHUP);
+    sup.wait_ready(2);
+    assert_switched_to(&sup, addr, 2, &[1]);
+    sup.signal(libc::SIGTERM);
+    assert_eq!(sup.wait_exit().code(), Some(0));
+    assert!(
+        std::fs::symlink_metadata(&ctl).is_ok(),
+        "the supervisor removed a control socket file that was not its own"
+    );
+    UnixStream::connect(&ctl).expect("the other socket still answers");
+}
+
+/// The table shows the command a rollback would return to and why the
+/// last deploy failed (SPEC §6: "the last failure's reason"), neither
+/// before there is one.
+#[test]
+fn status_table_shows_the_previous_command_and_the_last_failure() {
+    let dir = TempDir::new("ctl-table2");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let s = cf(&dir, "status", &[]).stdout;
+    assert!(!s.contains("previous command:"), "{s}");
+    assert!(!s.contains("last failure:"), "{s}");
+
+    let out = cf(&dir, "deploy", &["--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    let out = cf(&dir, "deploy", &["--", "sh", "-c", "exec \"$0\"", worker()]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_switched_to(&sup, addr, 3, &[1]);
+
+    let out = cf(&dir, "status", &[]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let s = &out.stdout;
+    assert!(
+        s.lines()
+            .any(|l| l == format!("previous command: {}", worker())),
+        "{s}"
+    );
+    let failure = s
+        .lines()
+        .find_map(|l| l.strip_prefix("last failure: "))
+        .unwrap_or_else(|| panic!("no last failure line: {s}"));
+    assert!(
+        failure.contains("exited with status 7 before READY=1"),
+        "{failure:?}"
+    );
+}
+
+/// Making room, a client that has sent nothing is closed before one
+/// whose request was served and that is reading its large reply slowly
+/// (it is owed that answer): the silent one hears why, the reader still
+/// gets its whole reply.
+#[test]
+fn room_is_made_by_closing_a_silent_client_before_a_slow_reader() {
+    let dir = TempDir::new("ctl-evictorder");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    // status --json of ~360 KB, more than a socket buffer takes (see
+    // clients_that_never_read_their_reply_do_not_lock_out_status).
+    let argv: Vec<OsString> = ["sh", "-c", "exec \"$0\"", worker()]
+        .into_iter()
+        .map(OsString::from)
+        .chain([OsString::from_vec(vec![0xff; 120_000])])
+        .collect();
+    let out = run_client(deploy_cmd(&dir, &argv));
+    assert_eq!(out.code(), 0, "{out:?}");
+    sup.wait_gen(1, "exited");
+    assert_eq!(cf(&dir, "status", &["--check"]).code(), 0);
+    let baseline = fd_count(sup.pid);
+    let ctl = control(&dir);
+    // The reader first (so it is the oldest), then silent ones up to the limit.
+    let reader = UnixStream::connect(&ctl).unwrap();
+    (&reader)
+        .write_all(b"containerflip/1 status json\n\n")
+        .unwrap();
+    let silent: Vec<UnixStream> = (1..MAX_CLIENTS)
+        .map(|_| UnixStream::connect(&ctl).expect("connect a silent client"))
+        .collect();
+    wait_until("every client accepted", || {
+        fd_count(sup.pid) >= baseline + MAX_CLIENTS
+    });
+    let out = cf(&dir, "status", &["--check"]);
+    assert_eq!(out.code(), 0, "{out:?}");
+
+    reader.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut reply = Vec::new();
+    (&reader).read_to_end(&mut reply).unwrap();
+    assert!(reply.starts_with(b"data {\"pid\":"), "{:?}", &reply[..20]);
+    assert!(
+        reply.ends_with(b"}\nok \n"),
+        "the reader was closed to make room: {} bytes, ending {:?}",
+        reply.len(),
+        String::from_utf8_lossy(&reply[reply.len().saturating_sub(20)..])
+    );
+    let mut evicted = 0;
+    for s in &silent {
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut reply = String::new();
+        (&*s).read_to_string(&mut reply).expect("closed in time");
+        if reply.contains("too many connections") {
+            evicted += 1;
+        } else {
+            assert_error("a silent client", &reply, "no complete request in time");
+        }
+    }
+    assert!(evicted >= 1, "no silent client was closed to make room");
+    assert_healthy(&dir, addr, 2);
 }

@@ -817,3 +817,34 @@ fn stopping_after_ten_seconds_of_service_is_replaced_at_once() {
     assert_eq!(served_gen(addr), 2);
     assert_eq!(sup.count("replacing it in"), 0, "{:?}", sup.lines());
 }
+
+/// `-q` keeps warnings and errors only: a whole start, serve and stop
+/// logs no lifecycle line, while a warning still shows.
+#[test]
+fn quiet_logs_warnings_and_nothing_else() {
+    let dir = TempDir::new("quiet");
+    let mut sup = Supervisor::start(&dir, &worker_args(&["-q"]), &[]);
+    wait_until("gen 1 serving (status --check)", || {
+        client(&dir, "status", &["--check"]).status.code() == Some(0)
+    });
+    // A warning: the control socket removed (and bound again).
+    fs::remove_file(control(&dir)).unwrap();
+    sup.wait_line("was removed or replaced (by a worker?); bound it again");
+    sup.signal(libc::SIGTERM);
+    assert_eq!(sup.wait_exit().code(), Some(0));
+    let lines = sup.lines();
+    for event in [
+        "listening on ",
+        " spawned",
+        " ready in ",
+        "stopping (",
+        " draining ",
+        " exited with status ",
+    ] {
+        assert!(
+            !lines.iter().any(|l| l.contains(event)),
+            "{event:?} logged with -q: {lines:?}"
+        );
+    }
+    assert_eq!(lines.len(), 1, "{lines:?}");
+}

@@ -2279,3 +2279,52 @@ fn listening_sockets_reach_the_worker_in_blocking_mode() {
     sup.wait_ready(1);
     assert_eq!(fs::read_to_string(&out).unwrap(), "True True");
 }
+
+/// A second TERM once only a daemon that ignores the stop signal is left
+/// (its worker drained and exited, the drain deadline far off): it is
+/// killed now and the supervisor exits, rather than waiting for a
+/// deadline the second TERM was meant to cut short.
+#[test]
+fn a_second_stop_signal_kills_a_daemon_left_alone() {
+    let dir = TempDir::new("second-stray");
+    // The daemon says when it ignores TERM and has left the group.
+    let script = "setsid sh -c 'trap \"\" TERM; : > \"$WORKER_RECORD/daemon-up\"; \
+                  exec sleep 1000' & exec \"$0\"";
+    let mut sup = Supervisor::start(
+        &dir,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "10m",
+            "--",
+            "sh",
+            "-c",
+            script,
+            worker(),
+        ],
+        &[],
+    );
+    sup.wait_ready(1);
+    let up = dir.join("daemon-up");
+    wait_until("the daemon set up", || up.exists());
+    sup.signal(libc::SIGTERM);
+    sup.wait_gen(1, "exited");
+    let line = sup.wait_for("the daemon getting the stop signal", |l| {
+        l.ends_with("(left behind by a worker) gets SIGTERM")
+    });
+    let pid: u32 = line
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"));
+    assert!(pid_exists(pid), "the daemon ignores SIGTERM");
+    sup.signal(libc::SIGTERM);
+    sup.wait_exit();
+    let state = stat_field(pid, 3);
+    assert!(
+        state.as_deref().is_none_or(|s| s == "Z"),
+        "the daemon outlived the supervisor (state {state:?}): {:?}",
+        sup.lines()
+    );
+}
