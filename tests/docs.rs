@@ -300,6 +300,47 @@ fn each_command_help_matches_its_man_subsection() {
     }
 }
 
+/// The drift check fails when an option is on one side only, either way:
+/// the lists above, each with one option the other lacks.
+#[test]
+fn the_drift_check_fails_on_an_option_on_one_side_only() {
+    let help = help_options(Some("run"));
+    let man = man_options_for(Some("run"));
+    assert_same("unchanged", &help, &man);
+    let with = |set: &BTreeSet<String>| {
+        let mut set = set.clone();
+        set.insert("--frobnicate".to_string());
+        set
+    };
+    for (help, man) in [(with(&help), man.clone()), (help.clone(), with(&man))] {
+        let drift = std::panic::catch_unwind(|| assert_same("run", &help, &man));
+        let why = drift.expect_err("an option on one side only passed the drift check");
+        let why = why.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(why.contains("\"--frobnicate\""), "{why}");
+    }
+}
+
+/// `man -l` renders the page (what a packager and a user will run).
+#[test]
+fn man_renders_the_page() {
+    let out = match Command::new("man")
+        .args(["-l", "-P", "cat"])
+        .arg(root().join("man/containerflip.1"))
+        .env("MANWIDTH", "80")
+        .output()
+    {
+        Ok(out) => out,
+        Err(_) => {
+            return crate::common::notice("SKIPPED man_renders_the_page: man is not installed");
+        }
+    };
+    assert!(out.status.success(), "man -l failed: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for section in ["NAME", "SYNOPSIS", "OPTIONS", "EXIT STATUS", "SEE ALSO"] {
+        assert!(text.contains(section), "man -l shows no {section}:\n{text}");
+    }
+}
+
 fn completion(file: &str) -> String {
     std::fs::read_to_string(root().join("contrib/completions").join(file)).expect("completion file")
 }

@@ -9,7 +9,6 @@
 //! on stderr, outside the test harness's capture, and pass.
 
 use std::fs;
-use std::io::Write;
 use std::mem::ManuallyDrop;
 use std::net::{SocketAddr, TcpListener};
 use std::ops::{Deref, DerefMut};
@@ -20,12 +19,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::common::*;
-
-/// A notice the test harness does not capture, so a skipped test is
-/// visible in the output of `cargo test`.
-fn notice(msg: &str) {
-    let _ = writeln!(std::io::stderr(), "init tests: {msg}");
-}
 
 /// Whether `program` is on PATH.
 fn have(program: &str) -> bool {

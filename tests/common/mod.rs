@@ -74,6 +74,13 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// A notice the test harness does not capture, so a skipped test is
+/// visible in the output of `cargo test`.
+pub fn notice(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "containerflip tests: {msg}");
+}
+
 /// Polls `cond` until it holds, panicking with `what` after `DEADLINE`.
 /// For conditions no event announces (a file appearing, a pid vanishing).
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
