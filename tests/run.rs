@@ -1045,7 +1045,7 @@ fn a_grandchild_in_the_group_gets_the_stop_signal_once() {
     let dir = TempDir::new("onceterm");
     let mut sup = Supervisor::start(
         &dir,
-        &worker_args(&["--drain-timeout", "2s"]),
+        &worker_args(&["--drain-timeout", "10m"]),
         &[("WORKER_IGNORE_TERM", "1"), ("WORKER_SPAWN", "orphan")],
     );
     let p1 = sup.wait_ready(1);
@@ -1056,7 +1056,9 @@ fn a_grandchild_in_the_group_gets_the_stop_signal_once() {
     sup.signal(libc::SIGTERM);
     wait_event(&sup.records, p1, "signal 15");
     wait_event(&sup.records, g1, "signal 15");
-    // Both ignore it, so the deadline kills the whole group.
+    // Both ignore it (the drain deadline is far off, so neither dies
+    // before recording it): a second TERM kills the whole group.
+    sup.signal(libc::SIGTERM);
     assert_eq!(sup.wait_exit().code(), Some(137));
     wait_gone(g1);
     let got: Vec<_> = events(&sup.records, g1);
@@ -2065,7 +2067,10 @@ fn unix_accept_queue(path: &str) -> usize {
 #[test]
 fn notify_stream_connections_are_capped_at_sixteen() {
     const MAX_STREAMS: usize = 16;
-    const OPENED: usize = 40;
+    // Within the socket's backlog (128), and enough that the supervisor
+    // holds 16 for about 30 s (each batch is closed after 5 s silent): a
+    // slow machine still sees it holding 16.
+    const OPENED: usize = 100;
     if Command::new("ss").arg("-V").output().is_err() {
         skipped(
             "notify_stream_connections_are_capped_at_sixteen",
