@@ -1441,6 +1441,24 @@ fn two_hundred_silent_clients_do_not_lock_out_status() {
     assert_healthy(&dir, addr, 1);
 }
 
+/// Deploys a current command whose `status --json` is ~360 KB, more than
+/// a socket buffer takes: each byte 0xff of its unused argument is three
+/// bytes of JSON (U+FFFD), cheap to render 128 times on a busy machine.
+/// Returns once gen 1 is gone and swept (a status round trip is a later
+/// turn of the loop), with the supervisor's fd count then.
+fn deploy_a_long_status(dir: &TempDir, sup: &Supervisor) -> usize {
+    let argv: Vec<OsString> = ["sh", "-c", "exec \"$0\"", worker()]
+        .into_iter()
+        .map(OsString::from)
+        .chain([OsString::from_vec(vec![0xff; 120_000])])
+        .collect();
+    let out = run_client(deploy_cmd(dir, &argv));
+    assert_eq!(out.code(), 0, "{out:?}");
+    sup.wait_gen(1, "exited");
+    assert_eq!(cf(dir, "status", &["--check"]).code(), 0);
+    fd_count(sup.pid)
+}
+
 /// Clients that ask for a reply larger than the socket buffer and never
 /// read it: at 128 of them `status` still gets in (the oldest one is
 /// closed to make room), and 30 s after their last line was queued the
@@ -1449,23 +1467,7 @@ fn two_hundred_silent_clients_do_not_lock_out_status() {
 fn clients_that_never_read_their_reply_do_not_lock_out_status() {
     let dir = TempDir::new("ctl-unread");
     let (sup, addr, _) = start(&dir, &[], &[]);
-    // A current command whose status --json is ~360 KB, more than a
-    // socket buffer takes: each byte 0xff of its unused argument is three
-    // bytes of JSON (U+FFFD), cheap to render 128 times on a busy machine
-    // (the first replies must not reach their 30 s timeout before the
-    // last is queued).
-    let argv: Vec<OsString> = ["sh", "-c", "exec \"$0\"", worker()]
-        .into_iter()
-        .map(OsString::from)
-        .chain([OsString::from_vec(vec![0xff; 120_000])])
-        .collect();
-    let out = run_client(deploy_cmd(&dir, &argv));
-    assert_eq!(out.code(), 0, "{out:?}");
-    // Gen 1 gone and swept (a status round trip is a later turn of the
-    // loop): a steady count.
-    sup.wait_gen(1, "exited");
-    assert_eq!(cf(&dir, "status", &["--check"]).code(), 0);
-    let baseline = fd_count(sup.pid);
+    let baseline = deploy_a_long_status(&dir, &sup);
     let ctl = control(&dir);
     let unread: Vec<UnixStream> = (0..MAX_CLIENTS)
         .map(|_| {
@@ -2309,18 +2311,7 @@ fn status_table_shows_the_previous_command_and_the_last_failure() {
 fn room_is_made_by_closing_a_silent_client_before_a_slow_reader() {
     let dir = TempDir::new("ctl-evictorder");
     let (sup, addr, _) = start(&dir, &[], &[]);
-    // status --json of ~360 KB, more than a socket buffer takes (see
-    // clients_that_never_read_their_reply_do_not_lock_out_status).
-    let argv: Vec<OsString> = ["sh", "-c", "exec \"$0\"", worker()]
-        .into_iter()
-        .map(OsString::from)
-        .chain([OsString::from_vec(vec![0xff; 120_000])])
-        .collect();
-    let out = run_client(deploy_cmd(&dir, &argv));
-    assert_eq!(out.code(), 0, "{out:?}");
-    sup.wait_gen(1, "exited");
-    assert_eq!(cf(&dir, "status", &["--check"]).code(), 0);
-    let baseline = fd_count(sup.pid);
+    let baseline = deploy_a_long_status(&dir, &sup);
     let ctl = control(&dir);
     // The reader first (so it is the oldest), then silent ones up to the limit.
     let reader = UnixStream::connect(&ctl).unwrap();
