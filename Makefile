@@ -47,6 +47,7 @@ static:
 test-static: static $(PY_VENV)/bin/gunicorn
 	@if readelf -lW $(STATIC_BIN) | grep -q INTERP; then echo "$(STATIC_BIN) has a program interpreter"; exit 1; fi
 	@readelf -d $(STATIC_BIN) | grep -q "no dynamic section" || { echo "$(STATIC_BIN) has a dynamic section"; exit 1; }
+	@file $(STATIC_BIN) | grep -q "statically linked" || { file $(STATIC_BIN); echo "file(1) does not call it statically linked"; exit 1; }
 	$(STATIC_BIN) --version
 	CONTAINERFLIP_BIN=$(CURDIR)/$(STATIC_BIN) CONTAINERFLIP_GUNICORN=$(GUNICORN) cargo test --test integration
 
