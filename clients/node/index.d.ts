@@ -102,7 +102,7 @@ export function gracefulDrain(server: DrainableServer, options?: GracefulDrainOp
  */
 export function drain(server: DrainableServer, options?: DrainOptions): Promise<void>;
 
-/** Whether a drain has started in this process. */
+/** Whether a drain has started in this process (true from then on, also once it has finished). */
 export function isDraining(): boolean;
 
 /** Whether the supervisor passed listening sockets (`LISTEN_FDS` >= 1). */

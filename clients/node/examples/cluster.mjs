@@ -20,14 +20,19 @@ const size = Number(process.env.CLUSTER_WORKERS ?? os.availableParallelism?.() ?
 cluster.schedulingPolicy = cluster.SCHED_NONE;
 
 if (cluster.isPrimary) {
-  let listening = 0;
+  // Ready means `size` children listening at the same moment: a child that
+  // listened and then died no longer counts, and its replacement does not
+  // count twice. READY=1 goes out once, and never once draining.
+  const listening = new Set();
+  let ready = false;
   let draining = false;
   const fork = () => cluster.fork({ NOTIFY_SOCKET: '' });
   for (let i = 0; i < size; i++) fork();
 
-  cluster.on('listening', () => {
-    listening += 1;
-    if (listening === size) {
+  cluster.on('listening', (worker) => {
+    listening.add(worker.id);
+    if (listening.size === size && !ready && !draining) {
+      ready = true;
       notifyReady().catch((err) => {
         console.error(err.message);
         process.exit(1);
@@ -35,11 +40,20 @@ if (cluster.isPrimary) {
     }
   });
   cluster.on('exit', (worker, code, signal) => {
-    if (!draining) {
-      console.error(`cluster child ${worker.process.pid} died (${signal ?? code}); forking a new one`);
+    const wasListening = listening.delete(worker.id);
+    const why = `cluster child ${worker.process.pid} died (${signal ?? code})`;
+    if (draining) {
+      if (Object.keys(cluster.workers).length === 0) process.exit(0);
+    } else if (wasListening && listening.size === 0) {
+      // Node closes the primary's handle on the shared socket along with
+      // the last child listening on it, so no new child could listen:
+      // exit, and containerflip starts the generation again (connections
+      // wait in the socket's backlog meanwhile).
+      console.error(`${why} and no child listens any more; exiting`);
+      process.exit(1);
+    } else {
+      console.error(`${why}; forking a new one`);
       fork();
-    } else if (Object.keys(cluster.workers).length === 0) {
-      process.exit(0);
     }
   });
   process.on('SIGTERM', () => {
@@ -50,8 +64,8 @@ if (cluster.isPrimary) {
     for (const w of children) w.process.kill('SIGTERM');
   });
 } else {
-  // listen({ fd: 3 }) in a cluster child is resolved by the primary against
-  // its own fd 3, the socket containerflip passed in.
+  // A child's listen({ fd: 3 }) is carried out by the primary, on the
+  // descriptor the primary inherited from containerflip.
   const server = http.createServer((req, res) => {
     res.setHeader('X-Containerflip-Generation', generation);
     res.setHeader('Content-Type', 'text/plain');

@@ -365,6 +365,59 @@ describe('cluster readiness is aggregated over every child', () => {
   });
 });
 
+describe('cluster readiness counts children listening at the same time', () => {
+  // The pid of cluster child `id`, from its answers (each child accepts for
+  // itself: a few requests reach them all).
+  async function childPid(port, id) {
+    let pid;
+    await withDeadline((async () => {
+      while (pid === undefined) {
+        const m = (await request(port)).body.match(new RegExp(`pid (\\d+), cluster child ${id}\\n$`));
+        if (m) pid = Number(m[1]);
+      }
+    })(), `an answer from cluster child ${id}`);
+    return pid;
+  }
+
+  async function heldCluster(t, size) {
+    const w = await spawnWorker(t, CLUSTER_HELD, { env: { CONTAINERFLIP_GENERATION: '4', CLUSTER_WORKERS: String(size) } });
+    const held = await w.stdout.waitFor(/^FIXTURE child 2 pid (\d+) held$/);
+    const child2 = Number(held.match[1]);
+    t.after(() => {
+      try {
+        process.kill(child2, 'SIGKILL');
+      } catch {}
+    });
+    return { w, child2 };
+  }
+
+  test('a child that listened and died no longer counts, and its replacement counts once', async (t) => {
+    const { w, child2 } = await heldCluster(t, 3);
+    await w.stdout.waitFor(/^FIXTURE primary saw child 1 listening/);
+    await w.stdout.waitFor(/^FIXTURE primary saw child 3 listening/);
+    // Child 1 dies and child 4 replaces it: three listening events, two
+    // children listening.
+    process.kill(await childPid(w.port, 1), 'SIGKILL');
+    await w.stdout.waitFor(/^FIXTURE primary saw child 4 listening/);
+    assert.deepEqual(await w.notify.soFar(), [], 'READY=1 with child 2 still not listening');
+
+    process.kill(child2, 'SIGUSR2');
+    assert.equal(await w.notify.first(), 'READY=1\n');
+    w.child.kill('SIGTERM');
+    assert.deepEqual(await w.waitExit(), { code: 0, signal: null });
+    assert.deepEqual(await w.notify.soFar(), ['READY=1\n'], 'exactly one READY=1');
+  });
+
+  test('when the last listening child dies the primary exits 1 (Node closed its handle on the socket)', async (t) => {
+    const { w } = await heldCluster(t, 2);
+    await w.stdout.waitFor(/^FIXTURE primary saw child 1 listening/);
+    process.kill(await childPid(w.port, 1), 'SIGKILL');
+    assert.deepEqual(await w.waitExit(), { code: 1, signal: null });
+    assert.match(w.stderr.text(), /died \(SIGKILL\) and no child listens any more; exiting/);
+    assert.deepEqual(await w.notify.soFar(), [], 'no READY=1');
+  });
+});
+
 describe('no monkey-patching', () => {
   test('a whole life (serve, a keep-alive request, SIGTERM drain, exit) leaves every built-in prototype, process method and the server\'s own methods as they were', async (t) => {
     // The fixture snapshots them before it even imports the helper and
