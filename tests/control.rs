@@ -1466,7 +1466,8 @@ fn deploy_a_long_status(dir: &TempDir, sup: &Supervisor) -> usize {
 #[test]
 fn clients_that_never_read_their_reply_do_not_lock_out_status() {
     let dir = TempDir::new("ctl-unread");
-    let (sup, addr, _) = start(&dir, &[], &[]);
+    // -v: each request read is logged, so the test knows when all are in.
+    let (sup, addr, _) = start(&dir, &["-v"], &[]);
     let baseline = deploy_a_long_status(&dir, &sup);
     let ctl = control(&dir);
     let unread: Vec<UnixStream> = (0..MAX_CLIENTS)
@@ -1476,15 +1477,19 @@ fn clients_that_never_read_their_reply_do_not_lock_out_status() {
             s
         })
         .collect();
-    wait_until("the supervisor holding every unread reply", || {
-        fd_count(sup.pid) >= baseline + MAX_CLIENTS
+    sup.wait_for_nth("every unread client's request", MAX_CLIENTS, |l| {
+        l.ends_with("control request: containerflip/1 status json")
     });
+    // (One fd of slack: the count taken as the baseline may have held one
+    // that has gone since.)
+    let held = || fd_count(sup.pid) + 1 >= baseline + MAX_CLIENTS;
+    assert!(held(), "the unread replies were not all held");
     let out = cf(&dir, "status", &["--check"]);
     assert_eq!(out.code(), 0, "{out:?}");
     // One was closed to let status in; the rest are still held (for the
     // 30 s of REPLY_TIMEOUT), so status did not just wait them all out.
     assert!(
-        fd_count(sup.pid) >= baseline + MAX_CLIENTS - 1,
+        fd_count(sup.pid) + 2 >= baseline + MAX_CLIENTS,
         "status got in only when every unread reply was let go"
     );
     wait_until("the unread replies let go", || {
