@@ -586,6 +586,11 @@ mod tests {
         assert_eq!(parse_duration("bogus"), None);
         assert_eq!(parse_duration("5x"), None);
         assert_eq!(parse_duration("99999999999h"), None);
+        // The cap is inclusive: the longest duration the usage error
+        // names is accepted, one more unit is not.
+        assert_eq!(parse_duration("876000h"), Some(MAX_DURATION));
+        assert_eq!(parse_duration("876001h"), None);
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
         assert_eq!(parse_duration(""), None);
         assert_eq!(format_duration(Duration::from_millis(412)), "412ms");
         assert_eq!(format_duration(Duration::from_secs(30)), "30s");
@@ -613,6 +618,19 @@ mod tests {
         assert_eq!(c.ready_timeout, None);
         assert_eq!(c.stop_signal, libc::SIGQUIT);
         assert_eq!(c.command, ["node", "--inspect", "app.js"]);
+    }
+
+    #[test]
+    fn backlog_must_be_positive() {
+        let backlog = |v: &str| parse(args(&["run", "--backlog", v, "--", "x"]));
+        let Command::Run(c) = backlog("1").unwrap() else {
+            panic!("not run")
+        };
+        assert_eq!(c.backlog, 1);
+        for bad in ["0", "-1", "2147483648", "many"] {
+            let e = backlog(bad).unwrap_err();
+            assert!(e.to_string().contains("--backlog"), "{bad}: {e}");
+        }
     }
 
     #[test]

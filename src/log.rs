@@ -121,4 +121,11 @@ mod tests {
             r"'it'\''s' 'a\nb' '\u{1b}[31mred\u{7f}' 'a\\b'"
         );
     }
+
+    /// C1 controls count too: U+009B is an 8-bit CSI to some terminals.
+    #[test]
+    fn printable_escapes_c1_controls() {
+        assert_eq!(printable("a\u{9b}31mb\u{85}c"), r"a\u{9b}31mb\u{85}c");
+        assert_eq!(printable("é ü 日本"), "é ü 日本");
+    }
 }

@@ -155,6 +155,11 @@ mod tests {
         assert_eq!(super::parse("sigquit"), Some(3));
         assert_eq!(super::parse("9"), Some(9));
         assert_eq!(super::parse("0"), None);
+        // Numbers cover the real-time signals too, up to 64.
+        assert_eq!(super::parse("34"), Some(34));
+        assert_eq!(super::parse("64"), Some(64));
+        assert_eq!(super::parse("65"), None);
+        assert_eq!(super::parse("-15"), None);
         assert_eq!(super::parse("BOGUS"), None);
         assert_eq!(super::name(15), "SIGTERM");
         assert_eq!(super::name(32), "SIG32");

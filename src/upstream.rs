@@ -195,4 +195,57 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&last), "READY=1\nX=999");
         std::fs::remove_file(&path).unwrap();
     }
+
+    /// A full queue drops STATUS-only messages before anything else: a
+    /// READY=1 waiting behind a flood of STATUS= updates still arrives.
+    #[test]
+    fn a_full_queue_drops_status_only_messages_first() {
+        let path = std::env::temp_dir().join(format!("cf-upstream-st-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let rx = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let addr = SocketAddrUnix::new(path.as_path()).unwrap();
+        let fd = net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )
+        .unwrap();
+        net::connect(&fd, &addr).unwrap();
+        let up = Upstream {
+            fd,
+            addr,
+            pending: RefCell::new(VecDeque::new()),
+            dropping: Default::default(),
+        };
+        // Fill the receiver's queue, until messages wait in ours.
+        let mut i = 0;
+        while up.poll_fd().is_none() {
+            up.send(&format!("STATUS=filler {i}"));
+            i += 1;
+            assert!(i < 100_000, "the receiver's queue never filled");
+        }
+        // The one that matters waits first in ours, then a flood.
+        up.send("READY=1\nSTATUS=serving");
+        for i in 0..1000 {
+            up.send(&format!("STATUS=update {i}"));
+        }
+        assert_eq!(up.pending.borrow().len(), MAX_PENDING);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            match rx.recv(&mut buf) {
+                Ok(n) => got.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(_) if up.poll_fd().is_some() => up.flush(),
+                Err(_) => break,
+            }
+        }
+        assert!(
+            got.iter().any(|m| m == "READY=1\nSTATUS=serving"),
+            "READY=1 was dropped for STATUS= updates"
+        );
+        assert_eq!(got.last().map(String::as_str), Some("STATUS=update 999"));
+        std::fs::remove_file(&path).unwrap();
+    }
 }

@@ -787,14 +787,27 @@ fn a_worker_that_wrecks_the_runtime_directory_breaks_only_its_deploy() {
             r#"mkdir "${NOTIFY_SOCKET%.*}.$((${NOTIFY_SOCKET##*.} + 1))""#,
             "before binding it: left there by a worker?",
         ),
+        // A file (a stale socket, say), not a directory.
+        (
+            r#": > "${NOTIFY_SOCKET%.*}.$((${NOTIFY_SOCKET##*.} + 1))""#,
+            "before binding it: left there by a worker?",
+        ),
     ] {
+        let before = sup.count(warning);
         let script = format!("{wreck}; exit 1");
         let out = cf(&dir, "deploy", &["--", "sh", "-c", &script]);
         assert_eq!(out.code(), 1, "{out:?}");
         let out = cf(&dir, "deploy", &[]);
         assert_eq!(out.code(), 0, "{out:?}");
-        assert_eq!(sup.count(warning), 1, "{:?}", sup.lines());
-        let (n, _) = deployed(out.last());
+        assert_eq!(sup.count(warning), before + 1, "{:?}", sup.lines());
+        let (n, pid) = deployed(out.last());
+        // Made again as private as at start.
+        let notify = start_record(&sup.records, pid)
+            .must("env.NOTIFY_SOCKET")
+            .to_string();
+        let rundir = Path::new(&notify).parent().unwrap().to_path_buf();
+        let mode = std::fs::metadata(&rundir).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "mode of {}", rundir.display());
         assert_switched_to(&sup, addr, n, &[serving]);
         serving = n;
     }
@@ -1021,6 +1034,27 @@ fn status_check_follows_crash_and_backoff() {
     let out = cf(&dir, "status", &["--json", "--check"]);
     assert_eq!(out.code(), 0, "{out:?}");
     assert_json_object(&out.stdout, &format!("\"serving\":true,\"active\":{n},"));
+}
+
+/// Crash restarts are not deploys (only the ones asked for are counted),
+/// whether they come up or fail; a failed one is still the last failure.
+#[test]
+fn crash_restarts_are_not_counted_as_deploys() {
+    let dir = TempDir::new("ctl-count-crash");
+    let env = dir.join("env");
+    write_file(&env, "");
+    let (sup, _addr, pid1) = start(&dir, &["--env-file", env.to_str().unwrap()], &[]);
+    let counters = "c = d['counters']\nprint(c['deploys_ok'], c['deploys_failed'], c['crash_restarts'], d['last_failure'] is not None)";
+    kill(pid1 as i32, libc::SIGKILL);
+    let pid2 = sup.wait_ready(2);
+    assert_eq!(status_json(&dir, counters).trim(), "0 0 1 False");
+
+    write_file(&env, "WORKER_EXIT_BEFORE_READY=5\n");
+    kill(pid2 as i32, libc::SIGKILL);
+    sup.wait_for("a crash restart failing", |l| {
+        l.contains("deploy failed: exited with status 5 before READY=1")
+    });
+    assert_eq!(status_json(&dir, counters).trim(), "0 0 2 True");
 }
 
 /// `status --json --check` output: one JSON object line, nothing else.

@@ -632,7 +632,7 @@ fn speaks_sd_notify_upward(dir: &TempDir, sock: UnixDatagram, notify_socket: &st
          (between {before} and {after})"
     );
     recv_until(&sock, "READY", &mut log);
-    sup.wait_ready(2);
+    let w2 = sup.wait_ready(2);
 
     // A failed deploy is a reload too, and ends with READY=1: the previous
     // generation still serves.
@@ -644,6 +644,13 @@ fn speaks_sd_notify_upward(dir: &TempDir, sock: UnixDatagram, notify_socket: &st
     assert!(
         !after_failure.lines().any(|l| l.contains("gen 3")),
         "READY=1 after the failed deploy names gen 3: {after_failure:?}"
+    );
+    // It names the generation that still serves.
+    assert!(
+        after_failure
+            .lines()
+            .any(|l| l == format!("STATUS=deploy failed; serving: gen 2 pid {w2}")),
+        "READY=1 after the failed deploy does not name gen 2 pid {w2}: {after_failure:?}"
     );
 
     // So is a deploy that fails before its worker exists (the env file

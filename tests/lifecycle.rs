@@ -60,6 +60,29 @@ fn on_crash_exit_stops_with_the_crashed_workers_status() {
     assert_eq!(sup.count("restarting in"), 0);
 }
 
+/// DESIGN.md: a worker that exits 0 on its own (nobody asked it to stop)
+/// still crashed, and `--on-crash exit` must not report success: exit 1.
+#[test]
+fn on_crash_exit_after_a_worker_exits_0_on_its_own_exits_1() {
+    let dir = TempDir::new("oncrash0");
+    let mut sup = Supervisor::start(&dir, &worker_args(&["--on-crash", "exit"]), &[]);
+    let pid = sup.wait_ready(1);
+    // The worker drains and exits 0 on a SIGTERM the supervisor never sent.
+    kill(pid as i32, libc::SIGTERM);
+    let status = sup.wait_exit();
+    assert_eq!(status.code(), Some(1), "a crash is no success: {status}");
+    let why = sup.wait_line("crashed");
+    assert!(
+        why.starts_with(&format!("containerflip: gen 1 pid {pid} crashed"))
+            && why.contains("--on-crash exit"),
+        "{why}"
+    );
+    assert_eq!(
+        events(&sup.records, pid).last().map(String::as_str),
+        Some("exit 0")
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Notify keys.
 

@@ -243,6 +243,55 @@ fn stop_kills_a_daemon_reparented_after_the_stop_began() {
     );
 }
 
+/// A setsid daemon that ignores the stop signal, left by a worker that
+/// obeys it at once: once the worker is gone nothing else is due at the
+/// drain deadline, yet the daemon gets SIGKILL then and the stop ends.
+#[test]
+fn a_daemon_ignoring_the_stop_signal_is_killed_after_its_worker_left() {
+    let dir = TempDir::new("rg-stubborn");
+    let arg = format!("7778.{}", std::process::id());
+    let _cleanup = KillLeftovers(vec!["sleep".into(), arg.clone()]);
+    // SIG_IGN survives exec: the daemon (sleep) ignores SIGTERM, the worker
+    // (exec'd by the outer shell) does not.
+    let script = format!("setsid sh -c 'trap \"\" TERM; exec sleep {arg}' & exec \"$0\"");
+    let mut sup = Supervisor::start(
+        &dir,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "2s",
+            "--",
+            "sh",
+            "-c",
+            &script,
+            worker(),
+        ],
+        &[],
+    );
+    sup.wait_ready(1);
+    let mut daemon = 0;
+    wait_until("the setsid daemon", || {
+        match pids_with_argv(&["sleep", &arg])[..] {
+            [pid] if process_group(pid) == Some(pid) => {
+                daemon = pid;
+                true
+            }
+            _ => false,
+        }
+    });
+
+    sup.signal(libc::SIGTERM);
+    sup.wait_gen(1, "exited with status 0");
+    sup.wait_line(&format!("pid {daemon} killed at drain deadline"));
+    sup.wait_exit();
+    assert!(
+        !pids_with_argv(&["sleep", &arg]).contains(&daemon),
+        "daemon pid {daemon} outlived the supervisor; log:\n{}",
+        sup.lines().join("\n")
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 4. A SIGHUP after a queued `deploy -- NEW` keeps NEW.
 

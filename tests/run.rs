@@ -1721,6 +1721,21 @@ fn first_generation_failing_at_boot_is_the_exit_status() {
     wait_gone(p1);
 }
 
+/// DESIGN.md: a first generation that exits 0 before READY=1 still
+/// failed: `run` exits 1, never 0.
+#[test]
+fn first_generation_exiting_0_before_ready_exits_1() {
+    let dir = TempDir::new("bootexit0");
+    let mut sup = Supervisor::start(
+        &dir,
+        &worker_args(&[]),
+        &[("WORKER_EXIT_BEFORE_READY", "0")],
+    );
+    let status = sup.wait_exit();
+    assert_eq!(status.code(), Some(1), "{status}");
+    sup.wait_line("deploy failed: exited with status 0 before READY=1");
+}
+
 #[test]
 fn bind_error_names_the_address_and_exits_one() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
