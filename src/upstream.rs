@@ -154,11 +154,16 @@ fn first_line(msg: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    /// A receiver that reads nothing for a while: whatever had to be
-    /// dropped meanwhile, the last message it reads is the newest one.
-    #[test]
-    fn a_full_queue_keeps_the_newest_state() {
-        let path = std::env::temp_dir().join(format!("cf-upstream-{}", std::process::id()));
+    /// An Upstream connected to a fresh non-blocking receiver at a temp
+    /// path named after `name` (the caller removes the path).
+    fn connected(
+        name: &str,
+    ) -> (
+        Upstream,
+        std::os::unix::net::UnixDatagram,
+        std::path::PathBuf,
+    ) {
+        let path = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let rx = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
         rx.set_nonblocking(true).unwrap();
@@ -177,6 +182,14 @@ mod tests {
             pending: RefCell::new(VecDeque::new()),
             dropping: Default::default(),
         };
+        (up, rx, path)
+    }
+
+    /// A receiver that reads nothing for a while: whatever had to be
+    /// dropped meanwhile, the last message it reads is the newest one.
+    #[test]
+    fn a_full_queue_keeps_the_newest_state() {
+        let (up, rx, path) = connected("cf-upstream");
         // Far more than the receiver's queue and ours hold together.
         for i in 0..1000 {
             up.send(&format!("RELOADING=1\nX={i}"));
@@ -200,25 +213,7 @@ mod tests {
     /// READY=1 waiting behind a flood of STATUS= updates still arrives.
     #[test]
     fn a_full_queue_drops_status_only_messages_first() {
-        let path = std::env::temp_dir().join(format!("cf-upstream-st-{}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let rx = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-        rx.set_nonblocking(true).unwrap();
-        let addr = SocketAddrUnix::new(path.as_path()).unwrap();
-        let fd = net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::DGRAM,
-            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-            None,
-        )
-        .unwrap();
-        net::connect(&fd, &addr).unwrap();
-        let up = Upstream {
-            fd,
-            addr,
-            pending: RefCell::new(VecDeque::new()),
-            dropping: Default::default(),
-        };
+        let (up, rx, path) = connected("cf-upstream-st");
         // Fill the receiver's queue, until messages wait in ours.
         let mut i = 0;
         while up.poll_fd().is_none() {

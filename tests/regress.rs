@@ -192,15 +192,18 @@ fn leaving_active_whose_replacement_failed_is_restarted_when_it_exits() {
 // ---------------------------------------------------------------------------
 // 3. A setsid daemon still under a worker when the stop begins.
 
-#[test]
-fn stop_kills_a_daemon_reparented_after_the_stop_began() {
-    let dir = TempDir::new("rg-daemon");
-    // Unique per test run, so that only our own daemon is found.
-    let arg = format!("7777.{}", std::process::id());
-    let _cleanup = KillLeftovers(vec!["sleep".into(), arg.clone()]);
-    let script = format!("setsid sleep {arg} & exec \"$0\"");
-    let mut sup = Supervisor::start(
-        &dir,
+/// `run --drain-timeout 2s -- sh -c SCRIPT worker`, where SCRIPT starts
+/// `sleep ARG` in a session of its own (setsid) before exec'ing the
+/// worker: the supervisor, gen 1's pid and the daemon's pid, once the
+/// daemon runs `sleep`.
+fn start_with_daemon(
+    dir: &TempDir,
+    script: &str,
+    arg: &str,
+    env: &[(&str, &str)],
+) -> (Supervisor, u32, u32) {
+    let sup = Supervisor::start(
+        dir,
         &[
             "--listen",
             "127.0.0.1:0",
@@ -209,15 +212,15 @@ fn stop_kills_a_daemon_reparented_after_the_stop_began() {
             "--",
             "sh",
             "-c",
-            &script,
+            script,
             worker(),
         ],
-        &[("WORKER_IGNORE_TERM", "1")],
+        env,
     );
     let p1 = sup.wait_ready(1);
     let mut daemon = 0;
     wait_until("the setsid daemon", || {
-        match pids_with_argv(&["sleep", &arg])[..] {
+        match pids_with_argv(&["sleep", arg])[..] {
             [pid] if process_group(pid) == Some(pid) => {
                 daemon = pid;
                 true
@@ -225,6 +228,18 @@ fn stop_kills_a_daemon_reparented_after_the_stop_began() {
             _ => false,
         }
     });
+    (sup, p1, daemon)
+}
+
+#[test]
+fn stop_kills_a_daemon_reparented_after_the_stop_began() {
+    let dir = TempDir::new("rg-daemon");
+    // Unique per test run, so that only our own daemon is found.
+    let arg = format!("7777.{}", std::process::id());
+    let _cleanup = KillLeftovers(vec!["sleep".into(), arg.clone()]);
+    let script = format!("setsid sleep {arg} & exec \"$0\"");
+    let (mut sup, p1, daemon) =
+        start_with_daemon(&dir, &script, &arg, &[("WORKER_IGNORE_TERM", "1")]);
     assert_eq!(
         stat_field(daemon, 4),
         Some(p1.to_string()),
@@ -254,32 +269,7 @@ fn a_daemon_ignoring_the_stop_signal_is_killed_after_its_worker_left() {
     // SIG_IGN survives exec: the daemon (sleep) ignores SIGTERM, the worker
     // (exec'd by the outer shell) does not.
     let script = format!("setsid sh -c 'trap \"\" TERM; exec sleep {arg}' & exec \"$0\"");
-    let mut sup = Supervisor::start(
-        &dir,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--drain-timeout",
-            "2s",
-            "--",
-            "sh",
-            "-c",
-            &script,
-            worker(),
-        ],
-        &[],
-    );
-    sup.wait_ready(1);
-    let mut daemon = 0;
-    wait_until("the setsid daemon", || {
-        match pids_with_argv(&["sleep", &arg])[..] {
-            [pid] if process_group(pid) == Some(pid) => {
-                daemon = pid;
-                true
-            }
-            _ => false,
-        }
-    });
+    let (mut sup, _, daemon) = start_with_daemon(&dir, &script, &arg, &[]);
 
     sup.signal(libc::SIGTERM);
     sup.wait_gen(1, "exited with status 0");
