@@ -331,19 +331,38 @@ describe('examples under a fake supervisor', () => {
   }
 });
 
+// The pid of cluster child `id`, from its answers (each child accepts for
+// itself: a few requests reach them all).
+async function childPid(port, id) {
+  let pid;
+  await withDeadline((async () => {
+    while (pid === undefined) {
+      const m = (await request(port)).body.match(new RegExp(`pid (\\d+), cluster child ${id}\\n$`));
+      if (m) pid = Number(m[1]);
+    }
+  })(), `an answer from cluster child ${id}`);
+  return pid;
+}
+
+// test/fixtures/cluster-held.mjs with `size` children, child 2 held.
+async function heldCluster(t, size, generation = '4') {
+  const w = await spawnWorker(t, CLUSTER_HELD, { env: { CONTAINERFLIP_GENERATION: generation, CLUSTER_WORKERS: String(size) } });
+  const held = await w.stdout.waitFor(/^FIXTURE child 2 pid (\d+) held$/);
+  const child2 = Number(held.match[1]);
+  t.after(() => {
+    try {
+      process.kill(child2, 'SIGKILL');
+    } catch {}
+  });
+  return { w, child2 };
+}
+
 describe('cluster readiness is aggregated over every child', () => {
   // test/fixtures/cluster-held.mjs runs examples/cluster.mjs unchanged, but
   // cluster child 2 first waits for SIGUSR2 from the test: until then it
   // does not listen, and the primary must not send READY=1.
   test('examples/cluster.mjs: no READY=1 while child 2 does not listen; READY=1 once it does', async (t) => {
-    const w = await spawnWorker(t, CLUSTER_HELD, { env: { CONTAINERFLIP_GENERATION: '3', CLUSTER_WORKERS: '2' } });
-    const held = await w.stdout.waitFor(/^FIXTURE child 2 pid (\d+) held$/);
-    const child2 = Number(held.match[1]);
-    t.after(() => {
-      try {
-        process.kill(child2, 'SIGKILL');
-      } catch {}
-    });
+    const { w, child2 } = await heldCluster(t, 2, '3');
     // The fixture's 'listening' listener ran for child 1 after the
     // example's, which would have sent READY=1 if it counted wrong.
     await w.stdout.waitFor(/^FIXTURE primary saw child 1 listening \(1 of 2\)$/);
@@ -366,31 +385,6 @@ describe('cluster readiness is aggregated over every child', () => {
 });
 
 describe('cluster readiness counts children listening at the same time', () => {
-  // The pid of cluster child `id`, from its answers (each child accepts for
-  // itself: a few requests reach them all).
-  async function childPid(port, id) {
-    let pid;
-    await withDeadline((async () => {
-      while (pid === undefined) {
-        const m = (await request(port)).body.match(new RegExp(`pid (\\d+), cluster child ${id}\\n$`));
-        if (m) pid = Number(m[1]);
-      }
-    })(), `an answer from cluster child ${id}`);
-    return pid;
-  }
-
-  async function heldCluster(t, size) {
-    const w = await spawnWorker(t, CLUSTER_HELD, { env: { CONTAINERFLIP_GENERATION: '4', CLUSTER_WORKERS: String(size) } });
-    const held = await w.stdout.waitFor(/^FIXTURE child 2 pid (\d+) held$/);
-    const child2 = Number(held.match[1]);
-    t.after(() => {
-      try {
-        process.kill(child2, 'SIGKILL');
-      } catch {}
-    });
-    return { w, child2 };
-  }
-
   test('a child that listened and died no longer counts, and its replacement counts once', async (t) => {
     const { w, child2 } = await heldCluster(t, 3);
     await w.stdout.waitFor(/^FIXTURE primary saw child 1 listening/);
