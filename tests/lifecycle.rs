@@ -462,13 +462,7 @@ fn ten_seconds_pass() {
 /// and whose every later worker exits before READY=1 (its env file says
 /// so): a crash loop, restarting with the backoff.
 fn crash_loop(dir: &TempDir) -> Supervisor {
-    let env_file = dir.join("env");
-    write_file(&env_file, "");
-    let sup = Supervisor::start(
-        dir,
-        &worker_args(&["--env-file", env_file.to_str().unwrap()]),
-        &[],
-    );
+    let (sup, env_file) = start_with_env_file(dir, "", &[], &[]);
     let p1 = sup.wait_ready(1);
     write_file(&env_file, "WORKER_EXIT_BEFORE_READY=1\n");
     kill(p1 as i32, libc::SIGKILL);

@@ -447,32 +447,13 @@ fn control_socket_emfile_does_not_spin() {
     assert_eq!(served_gen(addr), 1);
 }
 
-/// A supervisor whose workers read `DIR/env` (empty for now) at spawn.
-fn start_with_env_file(dir: &TempDir) -> (Supervisor, std::path::PathBuf) {
-    let env_file = dir.join("env");
-    write_file(&env_file, "");
-    let sup = Supervisor::start(
-        dir,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--env-file",
-            env_file.to_str().unwrap(),
-            "--",
-            worker(),
-        ],
-        &[],
-    );
-    (sup, env_file)
-}
-
 // ---------------------------------------------------------------------------
 // 7. The env file cannot set LISTEN_PID.
 
 #[test]
 fn env_file_setting_listen_pid_fails_the_spawn_closed() {
     let dir = TempDir::new("rg-envlisten");
-    let (sup, env_file) = start_with_env_file(&dir);
+    let (sup, env_file) = start_with_env_file(&dir, "", &[], &[]);
     let addr = sup.listen_addr();
     let p1 = sup.wait_ready(1);
     write_file(&env_file, "# set by containerflip\nLISTEN_PID=1\n");
@@ -505,7 +486,7 @@ fn env_file_setting_listen_pid_fails_the_spawn_closed() {
 #[test]
 fn an_env_file_that_is_not_a_regular_file_fails_the_spawn_closed() {
     let dir = TempDir::new("rg-envfifo");
-    let (sup, env_file) = start_with_env_file(&dir);
+    let (sup, env_file) = start_with_env_file(&dir, "", &[], &[]);
     let addr = sup.listen_addr();
     sup.wait_ready(1);
     fs::remove_file(&env_file).unwrap();

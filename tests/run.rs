@@ -478,13 +478,7 @@ fn sync_notify(sup: &Supervisor, n: u64, pid: u32, path: &str, sentinel: &str) {
 #[test]
 fn notify_garbage_and_repeated_ready_change_nothing() {
     let dir = TempDir::new("garbage");
-    let env_file = dir.join("env");
-    write_file(&env_file, "");
-    let sup = Supervisor::start(
-        &dir,
-        &worker_args(&["-v", "--env-file", env_file.to_str().unwrap()]),
-        &[],
-    );
+    let (sup, env_file) = start_with_env_file(&dir, "", &["-v"], &[]);
     let addr = sup.listen_addr();
     let p1 = sup.wait_ready(1);
     let sock1 = start_record(&sup.records, p1)
@@ -1072,16 +1066,10 @@ fn a_grandchild_in_the_group_gets_the_stop_signal_once() {
 #[test]
 fn a_crashed_generations_leftover_is_not_signalled_again_at_stop() {
     let dir = TempDir::new("leftover");
-    let env_file = dir.join("env");
-    write_file(&env_file, "WORKER_IGNORE_TERM=1\nWORKER_SPAWN=sleeper\n");
-    let mut sup = Supervisor::start(
+    let (mut sup, env_file) = start_with_env_file(
         &dir,
-        &worker_args(&[
-            "--drain-timeout",
-            "10m",
-            "--env-file",
-            env_file.to_str().unwrap(),
-        ]),
+        "WORKER_IGNORE_TERM=1\nWORKER_SPAWN=sleeper\n",
+        &["--drain-timeout", "10m"],
         &[],
     );
     let p1 = sup.wait_ready(1);
@@ -1135,11 +1123,7 @@ fn daemonized_grandchild_is_reaped_and_killed_at_stop() {
 /// everything, before, during and after.
 fn failing_deploy(name: &str, extra: &[&str], env_line: &str, reason: &str) {
     let dir = TempDir::new(name);
-    let env_file = dir.join("env");
-    write_file(&env_file, "");
-    let mut args = vec!["--env-file", env_file.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let mut sup = Supervisor::start(&dir, &worker_args(&args), &[]);
+    let (mut sup, env_file) = start_with_env_file(&dir, "", extra, &[]);
     let addr = sup.listen_addr();
     let p1 = sup.wait_ready(1);
     let load = Load::start(addr, 3, Mode::NewConnection);
@@ -1208,13 +1192,8 @@ fn deploy_fails_closed_when_the_new_worker_never_becomes_ready() {
 #[test]
 fn deploy_fails_closed_when_the_env_file_is_malformed() {
     let dir = TempDir::new("badenv");
-    let env_file = dir.join("env");
-    write_file(&env_file, "GOOD=1\n");
-    let sup = Supervisor::start(
-        &dir,
-        &worker_args(&["--env-file", env_file.to_str().unwrap()]),
-        &[("WORKER_RECORD_ENV", "GOOD")],
-    );
+    let (sup, env_file) =
+        start_with_env_file(&dir, "GOOD=1\n", &[], &[("WORKER_RECORD_ENV", "GOOD")]);
     let addr = sup.listen_addr();
     let p1 = sup.wait_ready(1);
     assert_eq!(start_record(&sup.records, p1).must("env.GOOD"), "1");
@@ -2218,18 +2197,7 @@ fn chdir_sets_the_workers_working_directory() {
 #[test]
 fn a_stop_during_a_deploy_signals_the_starting_generation() {
     let dir = TempDir::new("stop-starting");
-    let env_file = dir.join("env");
-    write_file(&env_file, "");
-    let mut sup = Supervisor::start(
-        &dir,
-        &worker_args(&[
-            "--ready-timeout",
-            "10m",
-            "--env-file",
-            env_file.to_str().unwrap(),
-        ]),
-        &[],
-    );
+    let (mut sup, env_file) = start_with_env_file(&dir, "", &["--ready-timeout", "10m"], &[]);
     let p1 = sup.wait_ready(1);
     // Gen 2 serves but never says READY=1.
     write_file(&env_file, "WORKER_NO_READY=1\n");

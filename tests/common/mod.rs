@@ -932,6 +932,24 @@ pub fn worker_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
+/// A supervisor running the example worker whose workers read `DIR/env`
+/// (written with `contents` now) at each spawn: `run --listen
+/// 127.0.0.1:0 --env-file DIR/env EXTRA -- worker`, with `env`. Returns
+/// it and the env file, to change what the next generation gets.
+pub fn start_with_env_file(
+    dir: &TempDir,
+    contents: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Supervisor, PathBuf) {
+    let env_file = dir.join("env");
+    write_file(&env_file, contents);
+    let mut args = vec!["--env-file", env_file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let sup = Supervisor::start(dir, &worker_args(&args), env);
+    (sup, env_file)
+}
+
 /// A supervisor whose command is `/bin/sh -c HOLD_SCRIPT worker` and whose
 /// `--env-file` (created empty) can set `HOLD`: `run --listen 127.0.0.1:0
 /// --env-file DIR/env EXTRA -- …`, not waiting for anything. Returns it,
