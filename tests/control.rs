@@ -714,11 +714,7 @@ fn a_process_that_escaped_a_failed_generation_is_reported() {
     let line = sup.wait_for("the escapee reported", |l| {
         l.contains(") left its generation's process group and outlived its parent")
     });
-    let pid: i32 = line
-        .split_whitespace()
-        .nth(2)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line}"));
+    let pid = crate::common::pid_of_line(&line) as i32;
     assert_served_by(addr, 1);
     // `status` names it too, until it is gone.
     let table = cf(&dir, "status", &[]).stdout;

@@ -2303,11 +2303,7 @@ fn a_second_stop_signal_kills_a_daemon_left_alone() {
     let line = sup.wait_for("the daemon getting the stop signal", |l| {
         l.ends_with("(left behind by a worker) gets SIGTERM")
     });
-    let pid: u32 = line
-        .split_whitespace()
-        .nth(2)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line}"));
+    let pid = pid_of_line(&line);
     assert!(pid_exists(pid), "the daemon ignores SIGTERM");
     sup.signal(libc::SIGTERM);
     sup.wait_exit();

@@ -932,6 +932,14 @@ pub fn worker_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
+/// P in a `containerflip: pid P …` log line (a process of no generation).
+pub fn pid_of_line(line: &str) -> u32 {
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"))
+}
+
 /// A supervisor running the example worker whose workers read `DIR/env`
 /// (written with `contents` now) at each spawn: `run --listen
 /// 127.0.0.1:0 --env-file DIR/env EXTRA -- worker`, with `env`. Returns
