@@ -24,9 +24,6 @@ pub(super) struct Stopping {
     signalled_once: bool,
     /// A second TERM/INT: everything got SIGKILL.
     forced: bool,
-    /// Non-generation children (setsid daemons) are still alive; the
-    /// exit waits for them.
-    strays: bool,
     /// Strays left at this time get SIGKILL.
     pub(super) orphan_deadline: Option<Instant>,
     /// Strays that already got the stop signal.
@@ -63,7 +60,8 @@ impl std::fmt::Display for StopCause {
 impl Supervisor {
     pub(super) fn finished(&self) -> Option<i32> {
         let stop = self.stop.as_ref()?;
-        if !self.gens.is_empty() || stop.strays {
+        // Strays (setsid daemons, see `check_strays`) hold the exit too.
+        if !self.gens.is_empty() || !self.known_strays.is_empty() {
             return None;
         }
         Some(self.exit_code.unwrap_or(match stop.active_exit {
@@ -138,7 +136,6 @@ impl Supervisor {
             clean: true,
             signalled_once: by_signal,
             forced: false,
-            strays: false,
             signalled: Vec::new(),
             killed: Vec::new(),
             deadline: now + drain,
@@ -210,8 +207,7 @@ impl Supervisor {
                 stop.signalled.push(pid);
             }
         }
-        stop.strays = !strays.is_empty();
+        stop.orphan_deadline = (!strays.is_empty() && !kill_now).then_some(stop.deadline);
         self.known_strays = strays;
-        stop.orphan_deadline = (stop.strays && !kill_now).then_some(stop.deadline);
     }
 }
