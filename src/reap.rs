@@ -119,3 +119,10 @@ pub fn proc_is_ours() -> bool {
     std::fs::read_link("/proc/self")
         .is_ok_and(|p| p.to_str() == Some(std::process::id().to_string().as_str()))
 }
+
+/// The command name of process `pid` ("self" for us) from
+/// `/proc/PID/comm`, without its newline; None once it is gone.
+pub fn comm(pid: &str) -> Option<String> {
+    let c = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(c.trim_end_matches('\n').to_string())
+}

@@ -154,6 +154,6 @@ fn pid_in(path: &std::path::Path) -> Option<u32> {
 /// Whether `pid` is alive and runs the same program as we do (a pid
 /// reused by something else leaves a stale pidfile, to be replaced).
 fn is_containerflip(pid: u32) -> bool {
-    let comm = |p: &str| std::fs::read_to_string(format!("/proc/{p}/comm")).ok();
+    let comm = crate::reap::comm;
     comm(&pid.to_string()).is_some_and(|c| Some(c) == comm("self"))
 }

@@ -163,11 +163,11 @@ impl Supervisor {
             if self.known_strays.contains(&pid) {
                 continue;
             }
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let comm = reap::comm(&pid.to_string()).unwrap_or_default();
             warn!(
                 "pid {pid} ({}) left its generation's process group and outlived its parent: \
                  it belongs to no generation and runs until containerflip stops",
-                crate::log::printable(comm.trim_end())
+                crate::log::printable(&comm)
             );
         }
         self.known_strays = strays;
