@@ -77,7 +77,8 @@ export function serve<S extends DrainableServer>(server: S, options?: ServeOptio
  * Listens on the inherited descriptor (`LISTEN_FDS` >= 1) or on the fallback
  * port. Resolves with `server` once listening; rejects on a listen error,
  * when `server` is not a `net.Server`, is an HTTP/2 server, or has already
- * begun draining. A second listener is `attach(server2, { fd: 4 })`.
+ * begun draining, and with code `ERR_SERVER_NOT_RUNNING` when a drain closes
+ * it before it listens. A second listener is `attach(server2, { fd: 4 })`.
  */
 export function attach<S extends NetServer>(server: S & NotHttp2<S>, options?: AttachOptions): Promise<S>;
 
@@ -90,7 +91,8 @@ export function notifyReady(): Promise<void>;
 
 /**
  * Installs the `Connection: close` marker and one additive handler per
- * signal that drains `server` and exits 0. Idempotent per server.
+ * signal that drains `server` and exits 0. Idempotent per server: a later
+ * call checks its options (throws on bad ones) but the first call's stay.
  */
 export function gracefulDrain(server: DrainableServer, options?: GracefulDrainOptions): void;
 
@@ -98,7 +100,7 @@ export function gracefulDrain(server: DrainableServer, options?: GracefulDrainOp
  * Drains `server` without exiting: stops accepting, answers with
  * `Connection: close`, closes idle connections, and resolves once no
  * connection is left or at the grace deadline. Idempotent per server: every
- * call returns the same promise.
+ * call returns the same promise (a later call's options are checked, not used).
  */
 export function drain(server: DrainableServer, options?: DrainOptions): Promise<void>;
 

@@ -11,6 +11,7 @@
 
 import net from 'node:net';
 import os from 'node:os';
+import tls from 'node:tls';
 
 const DEFAULT_FD = 3;
 const DEFAULT_GRACE_MS = 28000;
@@ -38,13 +39,22 @@ const PADS_ABSTRACT = (() => {
 // is closed. The sweep repeats, so a connection that goes idle later (its
 // response had left with keep-alive before the drain began) is closed too.
 const IDLE_SWEEP_MAX_MS = 500;
+// A connection that has not sent a byte of a request is not idle to node:http
+// (closeIdleConnections() leaves it), yet a browser's preconnect can stay
+// silent for minutes and would hold a draining worker for its whole grace
+// period. None is accepted once the drain began, so one still silent this far
+// into it has been silent at least this long: a client about to send has
+// long sent. It is closed, as nginx closes such connections when it stops.
+const SILENT_CONNECTION_MS = 1000;
 
 // Process-global: is any drain under way?
 let draining = false;
 
 // Per server: whether the Connection: close marker is installed, the
 // responses it saw in flight, the sockets it accepted since (upgraded ones
-// included, which node:http stops tracking), whether the server is draining
+// included, which node:http stops tracking), mapped to whether their bytesRead
+// counts request bytes (plain sockets, and the TLS sockets of https servers:
+// not the raw sockets under those), whether the server is draining
 // (and the drain's promise), whether gracefulDrain() set up signal handlers
 // for it and whether one of them has fired.
 const states = new WeakMap();
@@ -204,28 +214,43 @@ export function attach(server, options = {}) {
   });
 }
 
+// The code of attach()'s rejection when the server was closed (a drain began)
+// before it was listening: Node emits neither 'listening' nor 'error' then.
+const CLOSED_BEFORE_LISTENING = 'ERR_SERVER_NOT_RUNNING';
+
 function listenOn(server, target) {
   return new Promise((resolve, reject) => {
-    const onError = (err) => {
+    const where = target.fd !== undefined ? `fd ${target.fd}` : `port ${target.port}`;
+    const settled = () => {
+      server.removeListener('error', onError);
       server.removeListener('listening', onListening);
-      const where = target.fd !== undefined ? `fd ${target.fd}` : `port ${target.port}`;
+      server.removeListener('close', onClose);
+    };
+    const onError = (err) => {
+      settled();
       const wrapped = new Error(`containerflip: cannot listen on ${where}: ${err.message}`, { cause: err });
       if (err.code) wrapped.code = err.code;
       reject(wrapped);
     };
     const onListening = () => {
-      server.removeListener('error', onError);
+      settled();
       resolve(server);
+    };
+    const onClose = () => {
+      settled();
+      const why = states.get(server)?.draining ? ' (a drain began)' : '';
+      const err = new Error(`containerflip: the server was closed before it listened on ${where}${why}`);
+      err.code = CLOSED_BEFORE_LISTENING;
+      reject(err);
     };
     server.once('error', onError);
     server.once('listening', onListening);
+    server.once('close', onClose);
     try {
       // For a descriptor Node takes the backlog only as a separate argument.
       if (target.fd !== undefined) server.listen(target, INHERITED_BACKLOG);
       else server.listen(target);
     } catch (err) {
-      server.removeListener('error', onError);
-      server.removeListener('listening', onListening);
       onError(err);
     }
   });
@@ -310,11 +335,14 @@ function installMarker(server, state) {
   if (state.marker) return;
   state.marker = true;
   state.inflight = new Set();
-  state.sockets = new Set();
-  server.on('connection', (socket) => {
-    state.sockets.add(socket);
+  state.sockets = new Map();
+  const track = (socket, carriesRequests) => {
+    state.sockets.set(socket, carriesRequests);
     socket.once('close', () => state.sockets.delete(socket));
-  });
+  };
+  const encrypted = server instanceof tls.Server;
+  server.on('connection', (socket) => track(socket, !encrypted));
+  if (encrypted) server.on('secureConnection', (socket) => track(socket, true));
   server.prependListener('request', (req, res) => {
     if (state.draining) {
       if (!res.headersSent) res.setHeader('Connection', 'close');
@@ -337,11 +365,12 @@ export function drain(server, options = {}) {
   let log;
   try {
     checkServer(server, 'drain');
-    state = stateOf(server);
-    if (state.drainPromise) return state.drainPromise;
     const opts = options ?? {};
     graceMs = resolveGraceMs(opts.graceMs);
     log = makeLogger(opts.log);
+    // Options are checked every time, but only the first call's are used.
+    state = stateOf(server);
+    if (state.drainPromise) return state.drainPromise;
   } catch (err) {
     return Promise.reject(err);
   }
@@ -371,6 +400,9 @@ export function drain(server, options = {}) {
     };
 
     log(`draining: no longer accepting, grace ${graceMs}ms`);
+    // A listen still under way completes later (a cluster child's goes through
+    // the primary): close again, a draining server never accepts.
+    server.on('listening', () => net.Server.prototype.close.call(server));
     // net.Server's close, not http.Server's: since Node 19 the latter also
     // destroys every idle keep-alive connection at once, which races with
     // clients that are just reusing one. The callback runs once the last
@@ -380,6 +412,10 @@ export function drain(server, options = {}) {
 
     const closeIdle = () => {
       if (typeof server.closeIdleConnections === 'function') server.closeIdleConnections();
+      if (Date.now() - started < SILENT_CONNECTION_MS) return;
+      for (const [socket, carriesRequests] of state.sockets) {
+        if (carriesRequests && socket.bytesRead === 0) socket.destroy();
+      }
     };
     const sweepMs = Math.max(1, Math.min(IDLE_SWEEP_MAX_MS, Math.floor(graceMs / 4)));
     sweep = setInterval(closeIdle, sweepMs);
@@ -391,7 +427,7 @@ export function drain(server, options = {}) {
         log(`grace period of ${graceMs}ms over: closing ${err ? 'all' : count} remaining connection(s)`);
         if (typeof server.closeAllConnections === 'function') server.closeAllConnections();
         // Upgraded connections (WebSocket) left the http module's books.
-        for (const socket of state.sockets) socket.destroy();
+        for (const socket of state.sockets.keys()) socket.destroy();
         finish('grace period over');
       });
     }, graceMs);
@@ -408,12 +444,13 @@ export function drain(server, options = {}) {
  */
 export function gracefulDrain(server, options = {}) {
   checkServer(server, 'gracefulDrain');
-  const state = stateOf(server);
-  if (state.graceful) return;
   const opts = options ?? {};
   const signals = resolveSignals(opts.signals);
   if (opts.graceMs !== undefined) resolveGraceMs(opts.graceMs);
   const log = makeLogger(opts.log);
+  // Options are checked every time, but only the first call's are used.
+  const state = stateOf(server);
+  if (state.graceful) return;
   state.graceful = true;
   installMarker(server, state);
   for (const signal of signals) {
@@ -456,7 +493,17 @@ export async function serve(server, options = {}) {
   checkNotDraining(server, 'serve');
 
   gracefulDrain(server, { graceMs: opts.graceMs, signals: opts.signals, log: opts.log });
-  await listenOn(server, target);
+  try {
+    await listenOn(server, target);
+  } catch (err) {
+    // A stop signal during start-up: the drain is in charge now, and ends the
+    // process once it is done; nothing listens, so there is nothing to announce.
+    if (err.code === CLOSED_BEFORE_LISTENING && stateOf(server).draining) {
+      log('draining before it listened, READY=1 not sent');
+      return server;
+    }
+    throw err;
+  }
   const addr = server.address();
   const where = typeof addr === 'string' ? addr : addr ? `${addr.address}:${addr.port}` : 'unknown address';
   log(target.fd !== undefined ? `listening on fd ${target.fd} (${where})` : `listening on ${where} (standalone, no LISTEN_FDS)`);

@@ -11,6 +11,7 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import http from 'node:http';
+import net from 'node:net';
 import path from 'node:path';
 
 import { startSupervisor, request, withDeadline, listeningSockets, FIXTURES } from './helpers.mjs';
@@ -122,11 +123,20 @@ describe('recipes under containerflip: ready, serve, 5 deploys under load, zero 
 });
 
 describe('drain under containerflip', () => {
-  test('deploy: in-flight request completes, keep-alive client gets Connection: close, idle socket does not hold the old generation, which exits 0', async (t) => {
+  test('deploy: in-flight request completes, keep-alive client gets Connection: close, idle and silent sockets do not hold the old generation, which exits 0', async (t) => {
     // drain-timeout 10m: DRAIN_GRACE_MS is far beyond every deadline here, so
     // the old generation can only leave by going idle.
     const sup = await startSupervisor(t, ['node', WORKER], { runArgs: ['--drain-timeout', '10m'] });
     const oldPid = sup.active.pid;
+
+    // A preconnect: a connection that never sends a byte. The request below,
+    // on a connection made after it, shows the old worker has accepted it
+    // (one acceptor, and the backlog is first in, first out).
+    const silent = net.connect(sup.port, '127.0.0.1');
+    silent.on('error', () => {});
+    t.after(() => silent.destroy());
+    await withDeadline(once(silent, 'connect'), 'the silent connection');
+    const silentClosed = once(silent, 'close');
 
     const idleAgent = new http.Agent({ keepAlive: true });
     t.after(() => idleAgent.destroy());
@@ -151,6 +161,7 @@ describe('drain under containerflip', () => {
     }
     assert.equal(a.reused, true);
     await withDeadline(idleClosed, 'the idle keep-alive socket to be closed');
+    await withDeadline(silentClosed, 'the silent connection to be closed');
     const d = await deploy;
     assert.ok(d.ok, d.reason);
     assert.equal(d.oldEnd, 'exited with status 0');

@@ -12,11 +12,12 @@ import http2 from 'node:http2';
 import https from 'node:https';
 import net from 'node:net';
 import path from 'node:path';
+import tls from 'node:tls';
 import { spawn } from 'node:child_process';
 
 import { serve, attach, notifyReady, gracefulDrain, drain, isDraining, fdMode } from '@gigacodes/containerflip';
 import * as api from '@gigacodes/containerflip';
-import { notifyServer, tmpDir, withDeadline, withFreePort, request } from './helpers.mjs';
+import { FIXTURES, notifyServer, tmpDir, withDeadline, withFreePort, request } from './helpers.mjs';
 
 // Run `fn` with some environment variables set (undefined = unset), then
 // restore them.
@@ -656,6 +657,64 @@ describe('drain', () => {
     assert.ok(lines.some((l) => /drained in \d+ms \(idle\)/.test(l)), lines.join('\n'));
   });
 
+  // A connection to `port` that the server has accepted.
+  async function accepted(server, port) {
+    const seen = once(server, 'connection');
+    const socket = net.connect(port, '127.0.0.1');
+    socket.on('error', () => {});
+    await withDeadline(Promise.all([once(socket, 'connect'), seen]), 'the connection to be accepted');
+    return socket;
+  }
+
+  test('closes a connection that never sent a byte (a preconnect); one holding half a request finishes it', async (t) => {
+    const server = http.createServer((req, res) => res.end('ok'));
+    gracefulDrain(server, { signals: [] }); // the helper sees connections from here on
+    await withEnv(STANDALONE, () => attach(server));
+    const { port } = server.address();
+    const silent = await accepted(server, port);
+    const partial = await accepted(server, port);
+    t.after(() => { silent.destroy(); partial.destroy(); });
+    const reply = [];
+    partial.on('data', (chunk) => reply.push(chunk));
+    partial.write('GET / HTTP/1.1\r\nHost: x\r\n');
+
+    const silentClosed = once(silent, 'close');
+    const { lines, log } = collectLog();
+    const drained = drain(server, { graceMs: 600000, log });
+    await withDeadline(silentClosed, 'the silent connection to be closed');
+    assert.equal(partial.destroyed, false, 'the connection with half a request is still open');
+
+    const partialEnded = once(partial, 'end');
+    partial.write('\r\n');
+    await withDeadline(partialEnded, 'the answer to the finished request');
+    const text = Buffer.concat(reply).toString('latin1');
+    assert.match(text, /^HTTP\/1\.1 200 /);
+    assert.match(text, /\r\nconnection: close\r\n/i);
+    assert.match(text, /\r\n\r\nok$/);
+    await withDeadline(drained, 'the drain to end');
+    assert.ok(lines.some((l) => /drained in \d+ms \(idle\)/.test(l)), lines.join('\n'));
+  });
+
+  test('https: a TLS connection with no request byte after the handshake is closed too', async (t) => {
+    const server = https.createServer({
+      key: fs.readFileSync(path.join(FIXTURES, 'tls-key.pem')),
+      cert: fs.readFileSync(path.join(FIXTURES, 'tls-cert.pem')),
+    }, (req, res) => res.end('ok'));
+    gracefulDrain(server, { signals: [] });
+    await withEnv(STANDALONE, () => attach(server));
+    const secured = once(server, 'secureConnection');
+    const client = tls.connect({ port: server.address().port, host: '127.0.0.1', rejectUnauthorized: false });
+    client.on('error', () => {});
+    t.after(() => client.destroy());
+    await withDeadline(Promise.all([once(client, 'secureConnect'), secured]), 'the TLS handshake');
+
+    const closed = once(client, 'close');
+    const { lines, log } = collectLog();
+    await withDeadline(drain(server, { graceMs: 600000, log }), 'the drain of a silent TLS connection');
+    await withDeadline(closed, 'the silent TLS connection to be closed');
+    assert.ok(lines.some((l) => /drained in \d+ms \(idle\)/.test(l)), lines.join('\n'));
+  });
+
   test('cuts what is left at the grace deadline and resolves', async (t) => {
     const server = http.createServer(() => { /* never answers */ });
     await withEnv(STANDALONE, () => attach(server));
@@ -776,6 +835,52 @@ describe('drain', () => {
     assert.deepEqual(await n.soFar(), [], 'no READY=1 from a draining server');
     assert.ok(lines.some((l) => /READY=1 not sent/.test(l)), lines.join('\n'));
     assert.ok(!lines.some((l) => /READY=1 sent/.test(l)), lines.join('\n'));
+  });
+
+  test('a drain before the listen completes: serve() resolves without READY=1, attach() rejects', async (t) => {
+    const n = await notifyServer(t);
+    const { lines, log } = collectLog();
+    const served = http.createServer();
+    const attached = http.createServer();
+    t.after(() => Promise.all([closeServer(served), closeServer(attached)]));
+    await withEnv({ ...STANDALONE, NOTIFY_SOCKET: n.env }, async () => {
+      // listen() returns before 'listening' (a next-tick event); the drain
+      // closes the server in between, so 'listening' never comes.
+      const s = serve(served, { signals: [], log });
+      drain(served, { log: false });
+      assert.equal(await withDeadline(s, 'serve() to settle'), served);
+      const a = attach(attached);
+      drain(attached, { log: false });
+      await assert.rejects(withDeadline(a, 'attach() to settle'),
+        (err) => err.code === 'ERR_SERVER_NOT_RUNNING' && /closed before it listened on port 0 \(a drain began\)/.test(err.message));
+    });
+    assert.equal(served.listening, false);
+    assert.deepEqual(await n.soFar(), [], 'no READY=1');
+    assert.ok(lines.some((l) => /draining before it listened, READY=1 not sent/.test(l)), lines.join('\n'));
+  });
+
+  test('a listen that completes after the drain began is closed again', async (t) => {
+    const server = http.createServer();
+    t.after(() => closeServer(server));
+    await drain(server, { log: false });
+    const closed = once(server, 'close');
+    server.listen(0, '127.0.0.1');
+    await withDeadline(closed, 'the late listener to be closed');
+    assert.equal(server.listening, false);
+  });
+
+  test('a repeated call checks its options, though only the first call\'s are used', async () => {
+    const server = http.createServer();
+    const first = drain(server, { log: false });
+    await assert.rejects(drain(server, { graceMs: Number.NaN }), TypeError);
+    assert.equal(drain(server, { graceMs: 5 }), first);
+    await first;
+    const other = http.createServer();
+    gracefulDrain(other, { signals: [] });
+    assert.throws(() => gracefulDrain(other, { signals: 'SIGTERM' }), TypeError);
+    assert.throws(() => gracefulDrain(other, { log: 7 }), TypeError);
+    gracefulDrain(other, { signals: [] });
+    assert.equal(other.listenerCount('request'), 1);
   });
 
   test('rejects bad options', async () => {
