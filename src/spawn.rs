@@ -10,6 +10,7 @@
 //! way that cannot carry the child's own pid, and it hides the
 //! process-group, death-signal and fd set-up we need.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -98,31 +99,23 @@ pub fn read_exec_report(pipe: &OwnedFd) -> ExecReport {
 /// Start a worker. An `Err` is a spawn that never produced a process
 /// (bad env file, fork failure), worded for "deploy failed: …".
 pub fn spawn(req: &Request<'_>) -> Result<Child, String> {
-    let mut env: Vec<(OsString, OsString)> = req.base_env.to_vec();
+    let mut env = Env::new(req.base_env);
     if let Some(path) = req.env_file {
         for (k, v) in read_env_file(path)? {
-            set(&mut env, k, v);
+            env.set(k, v);
         }
     }
-    set(
-        &mut env,
-        "LISTEN_FDS".into(),
-        req.listen_fds.to_string().into(),
-    );
-    set(&mut env, "LISTEN_FDNAMES".into(), req.fd_names.into());
-    set(
-        &mut env,
-        "NOTIFY_SOCKET".into(),
-        req.notify_path.as_os_str().into(),
-    );
-    set(
-        &mut env,
+    env.set("LISTEN_FDS".into(), req.listen_fds.to_string().into());
+    env.set("LISTEN_FDNAMES".into(), req.fd_names.into());
+    env.set("NOTIFY_SOCKET".into(), req.notify_path.as_os_str().into());
+    env.set(
         "CONTAINERFLIP_GENERATION".into(),
         req.generation.to_string().into(),
     );
     if let Some(ms) = req.drain_grace_ms {
-        set(&mut env, "DRAIN_GRACE_MS".into(), ms.to_string().into());
+        env.set("DRAIN_GRACE_MS".into(), ms.to_string().into());
     }
+    let env = env.vars;
 
     // Never empty: `run` and the control protocol both refuse an empty
     // command; still, an error here rather than a panic.
@@ -195,10 +188,38 @@ fn cstring(bytes: Vec<u8>) -> Result<CString, String> {
         .map_err(|_| "an argument or environment entry contains a NUL byte".to_string())
 }
 
-fn set(env: &mut Vec<(OsString, OsString)>, key: OsString, value: OsString) {
-    match env.iter_mut().find(|(k, _)| *k == key) {
-        Some(kv) => kv.1 = value,
-        None => env.push((key, value)),
+/// A worker's environment in the order it is built: the supervisor's
+/// own, then each new key as it is set; a key set again keeps its place
+/// and takes the new value. Indexed by key, so an env file of 100,000
+/// keys costs linear time, not a stall of the loop.
+struct Env {
+    vars: Vec<(OsString, OsString)>,
+    at: HashMap<OsString, usize>,
+}
+
+impl Env {
+    fn new(base: &[(OsString, OsString)]) -> Env {
+        let mut env = Env {
+            vars: Vec::with_capacity(base.len()),
+            at: HashMap::with_capacity(base.len()),
+        };
+        for (k, v) in base {
+            // A key twice in our own environ: getenv(3) sees the first.
+            if !env.at.contains_key(k) {
+                env.set(k.clone(), v.clone());
+            }
+        }
+        env
+    }
+
+    fn set(&mut self, key: OsString, value: OsString) {
+        match self.at.get(&key) {
+            Some(&i) => self.vars[i].1 = value,
+            None => {
+                self.at.insert(key.clone(), self.vars.len());
+                self.vars.push((key, value));
+            }
+        }
     }
 }
 
@@ -328,6 +349,15 @@ pub fn read_env_file(path: &Path) -> Result<Vec<(OsString, OsString)>, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn env_keeps_order_and_a_key_set_again_keeps_its_place() {
+        let kv = |k: &str, v: &str| (k.into(), v.into());
+        let mut env = super::Env::new(&[kv("A", "1"), kv("B", "2"), kv("A", "3")]);
+        env.set("C".into(), "4".into());
+        env.set("B".into(), "5".into());
+        assert_eq!(env.vars, [kv("A", "1"), kv("B", "5"), kv("C", "4")]);
+    }
+
     #[test]
     fn env_file() {
         let dir = std::env::temp_dir().join(format!("cf-envfile-{}", std::process::id()));

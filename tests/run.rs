@@ -1225,6 +1225,33 @@ fn deploy_fails_closed_when_the_env_file_is_malformed() {
     assert_eq!(start_record(&sup.records, pid).must("env.GOOD"), "2");
 }
 
+/// An env file of 50,000 keys: every key reaches the worker, a key set
+/// twice takes its last value, and the file wins over the supervisor's
+/// own environment. (The environment is built in linear time: with a
+/// search per key this took seconds of a stalled loop.)
+#[test]
+fn a_large_env_file_reaches_the_worker_whole() {
+    let dir = TempDir::new("bigenv");
+    let mut contents: String = (0..50_000).map(|i| format!("K{i}=v{i}\n")).collect();
+    contents.push_str("K5=last\nSHARED=from-file\n");
+    let (sup, _) = start_with_env_file(
+        &dir,
+        &contents,
+        &[],
+        &[
+            ("WORKER_RECORD_ENV", "K0,K5,K49999,SHARED"),
+            ("SHARED", "from-supervisor"),
+        ],
+    );
+    let pid = sup.wait_ready(1);
+    let rec = start_record(&sup.records, pid);
+    assert_eq!(rec.must("env.K0"), "v0");
+    assert_eq!(rec.must("env.K5"), "last");
+    assert_eq!(rec.must("env.K49999"), "v49999");
+    assert_eq!(rec.must("env.SHARED"), "from-file");
+    assert_eq!(served_gen(sup.listen_addr()), 1);
+}
+
 // ---------------------------------------------------------------------------
 // 5. No request dropped across deploys.
 
