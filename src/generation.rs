@@ -104,6 +104,9 @@ pub struct Generation {
     pub leaving: bool,
     /// Malformed notify input was already logged once.
     pub noisy: bool,
+    /// A refused sender was already logged once (apart from `noisy`: a
+    /// refused uid must not silence this worker's own bad messages).
+    pub refused_logged: bool,
     /// ERRNO= and EXTEND_TIMEOUT_USEC= lines still to be logged; past
     /// that they are acted on silently (a worker cannot flood the log).
     pub notify_log_left: u32,
@@ -143,6 +146,7 @@ impl Generation {
             exit: None,
             leaving: false,
             noisy: false,
+            refused_logged: false,
             notify_log_left: NOTIFY_LOG_LINES + 1,
             killed: false,
         }

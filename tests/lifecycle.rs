@@ -317,6 +317,11 @@ fn ready_from_another_uid_is_refused() {
     send_dgram(&sock, b"STATUS=after-nobody");
     sup.wait_line(&format!("gen 1 pid {p1} STATUS=after-nobody"));
     assert_eq!(sup.count(" ready in "), 0, "{:?}", sup.lines());
+    // The refusal, logged once, does not silence the worker's own bad
+    // messages, which are logged once too.
+    send_dgram(&sock, b"no equals sign");
+    let line = sup.wait_line("bad notify message dropped");
+    assert!(line.contains(&format!("gen 1 pid {p1} ")), "{line}");
     let json = status_json(&dir);
     assert!(
         gen_json(&json, p1).contains("\"state\":\"starting\""),

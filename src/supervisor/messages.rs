@@ -124,8 +124,8 @@ impl Supervisor {
                 crate::notify::STREAM_IDLE.as_secs()
             ),
             Event::Denied(uid) => {
-                if !g.noisy {
-                    g.noisy = true;
+                if !g.refused_logged {
+                    g.refused_logged = true;
                     warn!(
                         "{} notify message from uid {uid} refused (not logged again for this generation)",
                         g.tag()
