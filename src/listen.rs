@@ -235,10 +235,19 @@ impl Drop for Listener {
     }
 }
 
-/// Bind or adopt every spec, then park the sockets at 3, 4, …
+/// Bind or adopt every spec, then park the sockets at 3, 4, … in the
+/// order given. The `fd:N` specs are adopted first: a socket bound here
+/// takes the lowest free descriptor, which `fd:N` must never name (`-l
+/// 8080 -l fd:3` with nothing inherited would hand out one socket twice).
 pub fn open_all(specs: &[Spec], backlog: i32, inherited: &Inherited) -> Result<Vec<Listener>> {
-    let mut out = Vec::with_capacity(specs.len());
-    for spec in specs {
+    let mut out: Vec<Option<Listener>> = specs.iter().map(|_| None).collect();
+    let of_kind = |adopt: bool| {
+        specs
+            .iter()
+            .enumerate()
+            .filter(move |(_, s)| matches!(s.addr, Addr::Fd(_)) == adopt)
+    };
+    for (i, spec) in of_kind(true).chain(of_kind(false)) {
         let mut l = open(spec, backlog)?;
         if spec.name.is_none()
             && let Addr::Fd(fd) = spec.addr
@@ -246,9 +255,9 @@ pub fn open_all(specs: &[Spec], backlog: i32, inherited: &Inherited) -> Result<V
         {
             l.name = n.to_string();
         }
-        out.push(l);
+        out[i] = Some(l);
     }
-    park(out)
+    park(out.into_iter().flatten().collect())
 }
 
 /// Sockets passed to us by socket activation (`LISTEN_FDS` with

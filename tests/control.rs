@@ -25,7 +25,7 @@ use crate::common::{
     client_cmd, client_cmd_at, control, get, is_root, kill, mkfifo, release, run_client, skipped,
     start_record, stat_field, worker, write_file,
 };
-use crate::common::{fd_count, notify_socket, send_dgram, wait_until};
+use crate::common::{fd_count, notify_socket, send_dgram, served_gen, wait_until};
 
 /// Connections the supervisor serves at once (control::MAX_CLIENTS).
 const MAX_CLIENTS: usize = 128;
@@ -905,6 +905,7 @@ fn status_json_parses_and_has_the_fields() {
         "c = d['counters']",
         "print('counters', c['deploys_ok'], c['deploys_failed'], c['crash_restarts'])",
         "print('failure', d['last_failure'])",
+        "print('truncated', d['truncated'])",
         "for l in d['listeners']: print('listener', l['fd'], l['address'])",
         "for g in d['generations']:",
         "    if g['active']:",
@@ -923,6 +924,7 @@ fn status_json_parses_and_has_the_fields() {
     assert_eq!(get_line("state"), "serving True 2 None", "{text}");
     assert_eq!(get_line("counters"), "1 0 0", "{text}");
     assert_eq!(get_line("failure"), "None", "{text}");
+    assert_eq!(get_line("truncated"), "False", "{text}");
     assert_eq!(get_line("listener"), format!("3 {addr}"), "{text}");
     assert_eq!(
         get_line("active"),
@@ -1883,6 +1885,65 @@ fn an_endless_reply_line_is_bounded() {
 /// `status --json --check` against a supervisor that answers with an
 /// error instead of the object (one too old for json-check): the error
 /// is shown, not swallowed into a bare exit 1.
+/// Two deploys of a command as long as a request may carry, in control
+/// bytes (six bytes each in JSON): the whole status would pass the 1 MiB
+/// reply bound. Every format still answers, shortened and saying so.
+#[test]
+fn a_status_too_big_for_a_reply_is_shortened_and_still_answers() {
+    let dir = TempDir::new("ctl-huge");
+    let (sup, addr, _) = start(&dir, &[], &[]);
+    let long = |last: &str| -> Vec<OsString> {
+        let mut argv = vec![OsString::from(worker())];
+        argv.extend((0..4000).map(|_| OsString::from("\x01".repeat(29))));
+        argv.push(last.into());
+        argv
+    };
+    for (n, last) in [(2, "a"), (3, "b")] {
+        let out = run_client(deploy_cmd(&dir, &long(last)));
+        assert_eq!(out.code(), 0, "{out:?}");
+        assert_eq!(deployed(out.last()).0, n, "{out:?}");
+    }
+    sup.wait_gen(2, "exited");
+
+    let text = status_json(
+        &dir,
+        "print(d['truncated'], d['active'], len(d['command']), d['command'][0], d['previous_command'][1] == '\\x01' * 29)",
+    );
+    // The program, then the 30-byte words (29 and a separator) that fit
+    // in the 16 KiB a shortened command keeps.
+    let words = 1 + (16 * 1024 - (worker().len() + 1)) / 30;
+    assert_eq!(
+        text.trim_end(),
+        format!("True 3 {words} {} True", worker()),
+        "the command is its leading words"
+    );
+
+    // The verdict is in the code, the (shortened) object on stdout.
+    let out = cf(&dir, "status", &["--check", "--json"]);
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert_json_object(&out.stdout, "\"truncated\":true");
+
+    let out = cf(&dir, "status", &[]);
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let tail = |s: &str| s.lines().rev().take(3).collect::<Vec<_>>().join("\n");
+    assert!(out.stdout.len() < 512 * 1024, "{} bytes", out.stdout.len());
+    assert!(
+        out.stdout
+            .contains("(shortened to fit the reply bound of the control protocol)"),
+        "{}",
+        tail(&out.stdout)
+    );
+    for key in ["command: ", "previous command: "] {
+        let line = out.stdout.lines().find(|l| l.starts_with(key));
+        assert!(
+            line.is_some_and(|l| l.ends_with('…')),
+            "{key}line with its tail elided: {:?}",
+            line.map(|l| l.len())
+        );
+    }
+    assert_eq!(served_gen(addr), 3);
+}
+
 #[test]
 fn status_json_check_shows_an_error_reply() {
     let dir = TempDir::new("ctl-jcerr");

@@ -365,6 +365,26 @@ fn live_unix_socket_is_refused_naming_the_path() {
     live.accept().expect("accept on the live socket");
 }
 
+/// `fd:N` names a descriptor the supervisor inherited, never one it just
+/// bound: with nothing inherited, `-l 127.0.0.1:0 -l fd:3` is refused
+/// rather than handing the worker the same socket as fd 3 and fd 4.
+#[test]
+fn fd_never_names_a_socket_the_supervisor_bound() {
+    let dir = TempDir::new("fdbound");
+    let args = ["-l", "127.0.0.1:0", "-l", "fd:3", "--", worker()];
+    let mut sup = Supervisor::start(&dir, &args, &[]);
+    let status = sup.wait_exit();
+    assert_eq!(status.code(), Some(1), "{status}");
+    let lines = sup.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("fd:3") && l.contains("no such open file descriptor")),
+        "{lines:?}"
+    );
+    assert_eq!(sup.count(" spawned"), 0, "a worker was started");
+}
+
 /// connect(2) on a regular file also answers ECONNREFUSED, like a stale
 /// socket: the probe alone would take someone's file for a stale socket
 /// and delete it. Neither a `unix:` listener nor the control socket may.

@@ -2,21 +2,103 @@
 //! for programs (encoded by hand: no serde at run time), and the one-line
 //! verdict of `--check`.
 
+use std::borrow::Cow;
+use std::ffi::OsString;
 use std::fmt::Write;
 use std::time::{Duration, Instant};
 
 use super::Supervisor;
 use crate::generation::State;
 use crate::log::shell_words;
-use crate::protocol::StatusFormat;
+use crate::protocol::{MAX_OUTPUT, StatusFormat};
+
+/// The largest body sent whole; a reply is queued at once and must stay
+/// under the protocol's [`MAX_OUTPUT`] with its line prefixes and verdict.
+const WHOLE: usize = MAX_OUTPUT / 2;
+
+/// How much of each unbounded part a body shows. Commands (up to 256 KiB,
+/// and six bytes of JSON per control byte), `STATUS=` texts, failure
+/// reasons and the lists of generations, listeners and strays could
+/// together pass [`MAX_OUTPUT`]; a status must always be answerable, so a
+/// body over [`WHOLE`] is made again with [`Caps::SHORT`], and says so.
+struct Caps {
+    /// Bytes of a command's leading words (at least its program is shown).
+    command: usize,
+    /// Characters of a free text (`STATUS=`, a failure reason, a name).
+    text: usize,
+    /// Entries of a list (the newest generations).
+    items: usize,
+}
+
+impl Caps {
+    const ALL: Caps = Caps {
+        command: usize::MAX,
+        text: usize::MAX,
+        items: usize::MAX,
+    };
+    const SHORT: Caps = Caps {
+        command: 16 * 1024,
+        text: 256,
+        items: 64,
+    };
+
+    fn shortened(&self) -> bool {
+        self.items != usize::MAX
+    }
+
+    /// The leading words of `argv` within `self.command` bytes, and
+    /// whether any were left out.
+    fn argv<'a>(&self, argv: &'a [OsString]) -> (&'a [OsString], bool) {
+        let mut used = 0;
+        let keep = argv
+            .iter()
+            .position(|a| {
+                used += a.len() + 1;
+                used > self.command
+            })
+            .map_or(argv.len(), |n| n.max(1));
+        (&argv[..keep], keep < argv.len())
+    }
+
+    /// `text`, cut to `self.text` characters with an ellipsis.
+    fn text<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        cut(text, self.text)
+    }
+
+    /// The last `self.items` of `list`: the newest, for generations.
+    fn newest<'a, T>(&self, list: &'a [T]) -> &'a [T] {
+        &list[list.len().saturating_sub(self.items)..]
+    }
+
+    fn first<'a, T>(&self, list: &'a [T]) -> &'a [T] {
+        &list[..list.len().min(self.items)]
+    }
+}
+
+/// `text` cut to `chars` characters, with an ellipsis when it was longer.
+fn cut(text: &str, chars: usize) -> Cow<'_, str> {
+    match text.char_indices().nth(chars) {
+        Some((at, _)) => format!("{}…", &text[..at]).into(),
+        None => text.into(),
+    }
+}
 
 /// The body of a status reply (`data` lines; none for `check`).
 pub(super) fn render(s: &Supervisor, format: StatusFormat, now: Instant) -> Option<String> {
-    match format {
-        StatusFormat::Text => Some(text(s, now)),
-        StatusFormat::Json | StatusFormat::JsonCheck => Some(json(s, now)),
+    let body = |caps: &Caps| match format {
+        StatusFormat::Text => Some(text(s, now, caps)),
+        StatusFormat::Json | StatusFormat::JsonCheck => Some(json(s, now, caps)),
         StatusFormat::Check => None,
-    }
+    };
+    // Text goes out as one `data ` line per line: count those prefixes.
+    let size = |b: &String| b.len() + 5 * b.lines().count();
+    body(&Caps::ALL).map(|b| {
+        if size(&b) <= WHOLE {
+            b
+        } else {
+            body(&Caps::SHORT).unwrap_or_default()
+        }
+    })
 }
 
 /// The verdict of `--check`, healthy or not, in one line: a ready
@@ -58,7 +140,18 @@ fn human(d: Duration) -> String {
     }
 }
 
-fn text(s: &Supervisor, now: Instant) -> String {
+/// A command as the table shows it: shell words, the tail elided.
+fn shown_command(argv: &[OsString], caps: &Caps) -> String {
+    let (kept, left_out) = caps.argv(argv);
+    let shown = shell_words(kept);
+    match cut(&shown, caps.command) {
+        Cow::Borrowed(_) if left_out => format!("{shown} …"),
+        Cow::Borrowed(_) => shown,
+        Cow::Owned(cut) => cut,
+    }
+}
+
+fn text(s: &Supervisor, now: Instant, caps: &Caps) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -70,20 +163,25 @@ fn text(s: &Supervisor, now: Instant) -> String {
             .map(|n| format!(" (active gen {n})"))
             .unwrap_or_default()
     );
-    let _ = writeln!(o, "command: {}", shell_words(&s.current_cmd));
+    let _ = writeln!(o, "command: {}", shown_command(&s.current_cmd, caps));
     if let Some(p) = &s.previous_cmd {
-        let _ = writeln!(o, "previous command: {}", shell_words(p));
+        let _ = writeln!(o, "previous command: {}", shown_command(p, caps));
     }
     let _ = writeln!(o, "listeners:");
-    for (i, l) in s.listeners.iter().enumerate() {
+    for (i, l) in caps.first(&s.listeners).iter().enumerate() {
         // The display holds a unix path, which may be anything.
-        let display = crate::log::printable(&l.display);
+        let display = crate::log::printable(&caps.text(&l.display));
         let dead = if l.listening() {
             ""
         } else {
             "  NOT LISTENING (shut down by a worker)"
         };
-        let _ = writeln!(o, "  fd {:<3} {:<10} {display}{dead}", 3 + i, l.name);
+        let _ = writeln!(
+            o,
+            "  fd {:<3} {:<10} {display}{dead}",
+            3 + i,
+            caps.text(&l.name)
+        );
     }
     let _ = writeln!(o, "generations:");
     let _ = writeln!(
@@ -91,7 +189,7 @@ fn text(s: &Supervisor, now: Instant) -> String {
         "  {:<5} {:<8} {:<9} {:<7} {:<9} STATUS",
         "GEN", "PID", "STATE", "AGE", "READY-IN"
     );
-    for g in &s.gens {
+    for g in caps.newest(&s.gens) {
         let ready = g
             .ready_at
             .map(|r| format!("{}ms", ms(r - g.started)))
@@ -112,11 +210,15 @@ fn text(s: &Supervisor, now: Instant) -> String {
             st,
             human(now - g.started),
             ready,
-            crate::log::printable(g.status_text.as_deref().unwrap_or(""))
+            crate::log::printable(&caps.text(g.status_text.as_deref().unwrap_or("")))
         );
     }
     if !s.known_strays.is_empty() {
-        let pids: Vec<String> = s.known_strays.iter().map(i32::to_string).collect();
+        let pids: Vec<String> = caps
+            .first(&s.known_strays)
+            .iter()
+            .map(i32::to_string)
+            .collect();
         let _ = writeln!(
             o,
             "outside every generation (left their group): pid {}",
@@ -130,7 +232,13 @@ fn text(s: &Supervisor, now: Instant) -> String {
         c.deploys_ok, c.deploys_failed, c.crash_restarts
     );
     if let Some(f) = &s.last_failure {
-        let _ = writeln!(o, "last failure: {f}");
+        let _ = writeln!(o, "last failure: {}", caps.text(f));
+    }
+    if caps.shortened() {
+        let _ = writeln!(
+            o,
+            "(shortened to fit the reply bound of the control protocol)"
+        );
     }
     o
 }
@@ -161,31 +269,33 @@ fn json_opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "null".into(), |v| v.to_string())
 }
 
-fn json_argv(argv: &[std::ffi::OsString]) -> String {
-    let words: Vec<String> = argv
+fn json_argv(argv: &[OsString], caps: &Caps) -> String {
+    let (kept, _) = caps.argv(argv);
+    let words: Vec<String> = kept
         .iter()
-        .map(|a| json_str(&a.to_string_lossy()))
+        .map(|a| json_str(&cut(&a.to_string_lossy(), caps.command)))
         .collect();
     format!("[{}]", words.join(","))
 }
 
-fn json(s: &Supervisor, now: Instant) -> String {
-    let listeners: Vec<String> = s
-        .listeners
+fn json(s: &Supervisor, now: Instant, caps: &Caps) -> String {
+    let text = |t: &str| json_str(&caps.text(t));
+    let listeners: Vec<String> = caps
+        .first(&s.listeners)
         .iter()
         .enumerate()
         .map(|(i, l)| {
             format!(
                 "{{\"fd\":{},\"name\":{},\"address\":{},\"listening\":{}}}",
                 3 + i,
-                json_str(&l.name),
-                json_str(&l.display),
+                text(&l.name),
+                text(&l.display),
                 l.listening()
             )
         })
         .collect();
-    let gens: Vec<String> = s
-        .gens
+    let gens: Vec<String> = caps
+        .newest(&s.gens)
         .iter()
         .map(|g| {
             format!(
@@ -196,14 +306,14 @@ fn json(s: &Supervisor, now: Instant) -> String {
                 s.active == Some(g.n),
                 ms(now - g.started),
                 json_opt(g.ready_at.map(|r| ms(r - g.started))),
-                g.status_text.as_deref().map_or_else(|| "null".into(), json_str),
+                g.status_text.as_deref().map_or_else(|| "null".into(), text),
                 json_opt(g.exit.map(|e| e.code())),
             )
         })
         .collect();
     let c = &s.counters;
     format!(
-        "{{\"pid\":{},\"version\":{},\"uptime_ms\":{},\"state\":{},\"serving\":{},\"active\":{},\"deploying\":{},\"command\":{},\"previous_command\":{},\"listeners\":[{}],\"generations\":[{}],\"strays\":[{}],\"counters\":{{\"deploys_ok\":{},\"deploys_failed\":{},\"crash_restarts\":{}}},\"last_failure\":{}}}",
+        "{{\"pid\":{},\"version\":{},\"uptime_ms\":{},\"state\":{},\"serving\":{},\"active\":{},\"deploying\":{},\"command\":{},\"previous_command\":{},\"listeners\":[{}],\"generations\":[{}],\"strays\":[{}],\"counters\":{{\"deploys_ok\":{},\"deploys_failed\":{},\"crash_restarts\":{}}},\"last_failure\":{},\"truncated\":{}}}",
         std::process::id(),
         json_str(crate::cli::VERSION),
         ms(now - s.started),
@@ -211,13 +321,13 @@ fn json(s: &Supervisor, now: Instant) -> String {
         s.serving(),
         json_opt(s.active),
         json_opt(s.deploying()),
-        json_argv(&s.current_cmd),
+        json_argv(&s.current_cmd, caps),
         s.previous_cmd
             .as_deref()
-            .map_or_else(|| "null".into(), json_argv),
+            .map_or_else(|| "null".into(), |p| json_argv(p, caps)),
         listeners.join(","),
         gens.join(","),
-        s.known_strays
+        caps.first(&s.known_strays)
             .iter()
             .map(i32::to_string)
             .collect::<Vec<_>>()
@@ -227,7 +337,8 @@ fn json(s: &Supervisor, now: Instant) -> String {
         c.crash_restarts,
         s.last_failure
             .as_deref()
-            .map_or_else(|| "null".into(), json_str),
+            .map_or_else(|| "null".into(), text),
+        caps.shortened(),
     )
 }
 
