@@ -341,16 +341,22 @@ fn stale_unix_socket_file_is_replaced() {
     assert!(!path.exists());
 }
 
+/// `run ARGS` exits 1 at start without spawning a worker: its log lines.
+fn refused_at_start(dir: &TempDir, args: &[&str]) -> Vec<String> {
+    let mut sup = Supervisor::start(dir, args, &[]);
+    let status = sup.wait_exit();
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert_eq!(sup.count(" spawned"), 0, "a worker was started");
+    sup.lines()
+}
+
 #[test]
 fn live_unix_socket_is_refused_naming_the_path() {
     let dir = TempDir::new("live");
     let path = dir.join("app.sock");
     let live = UnixListener::bind(&path).unwrap();
     let arg = format!("unix:{}", path.display());
-    let mut sup = Supervisor::start(&dir, &["--listen", &arg, "--", worker()], &[]);
-    let status = sup.wait_exit();
-    assert_eq!(status.code(), Some(1), "{status}");
-    let lines = sup.lines();
+    let lines = refused_at_start(&dir, &["--listen", &arg, "--", worker()]);
     assert!(
         lines
             .iter()
@@ -358,7 +364,6 @@ fn live_unix_socket_is_refused_naming_the_path() {
         "no line names {}: {lines:?}",
         path.display()
     );
-    assert_eq!(sup.count(" spawned"), 0, "a worker was started");
     // The owner's socket is untouched: its file is there and it accepts.
     assert!(path.exists());
     let _c = UnixStream::connect(&path).expect("the live socket still accepts");
@@ -371,18 +376,13 @@ fn live_unix_socket_is_refused_naming_the_path() {
 #[test]
 fn fd_never_names_a_socket_the_supervisor_bound() {
     let dir = TempDir::new("fdbound");
-    let args = ["-l", "127.0.0.1:0", "-l", "fd:3", "--", worker()];
-    let mut sup = Supervisor::start(&dir, &args, &[]);
-    let status = sup.wait_exit();
-    assert_eq!(status.code(), Some(1), "{status}");
-    let lines = sup.lines();
+    let lines = refused_at_start(&dir, &["-l", "127.0.0.1:0", "-l", "fd:3", "--", worker()]);
     assert!(
         lines
             .iter()
             .any(|l| l.contains("fd:3") && l.contains("no such open file descriptor")),
         "{lines:?}"
     );
-    assert_eq!(sup.count(" spawned"), 0, "a worker was started");
 }
 
 /// connect(2) on a regular file also answers ECONNREFUSED, like a stale
