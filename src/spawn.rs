@@ -10,7 +10,7 @@
 //! way that cannot carry the child's own pid, and it hides the
 //! process-group, death-signal and fd set-up we need.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -194,14 +194,14 @@ fn cstring(bytes: Vec<u8>) -> Result<CString, String> {
 /// keys costs linear time, not a stall of the loop.
 struct Env {
     vars: Vec<(OsString, OsString)>,
-    at: HashMap<OsString, usize>,
+    at: BTreeMap<OsString, usize>,
 }
 
 impl Env {
     fn new(base: &[(OsString, OsString)]) -> Env {
         let mut env = Env {
             vars: Vec::with_capacity(base.len()),
-            at: HashMap::with_capacity(base.len()),
+            at: BTreeMap::new(),
         };
         for (k, v) in base {
             // A key twice in our own environ: getenv(3) sees the first.
