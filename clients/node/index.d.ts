@@ -77,8 +77,8 @@ export function serve<S extends DrainableServer>(server: S, options?: ServeOptio
  * Listens on the inherited descriptor (`LISTEN_FDS` >= 1) or on the fallback
  * port. Resolves with `server` once listening; rejects on a listen error,
  * when `server` is not a `net.Server`, is an HTTP/2 server, or has already
- * begun draining, and with code `ERR_SERVER_NOT_RUNNING` when a drain closes
- * it before it listens. A second listener is `attach(server2, { fd: 4 })`.
+ * begun draining, and with code `ERR_SERVER_NOT_RUNNING` when it is closed
+ * before it listens; when a drain closed it, it resolves (not listening). A second listener is `attach(server2, { fd: 4 })`.
  */
 export function attach<S extends NetServer>(server: S & NotHttp2<S>, options?: AttachOptions): Promise<S>;
 

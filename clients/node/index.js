@@ -42,9 +42,10 @@ const IDLE_SWEEP_MAX_MS = 500;
 // A connection that has not sent a byte of a request is not idle to node:http
 // (closeIdleConnections() leaves it), yet a browser's preconnect can stay
 // silent for minutes and would hold a draining worker for its whole grace
-// period. None is accepted once the drain began, so one still silent this far
-// into it has been silent at least this long: a client about to send has
-// long sent. It is closed, as nginx closes such connections when it stops.
+// period. Once the drain is this old, such a connection is closed if it was
+// silent at one sweep and still is at the next, checked again after the loop
+// has read what arrived (a busy loop must not mistake unread bytes for
+// silence). HTTP servers only: a plain net.Server's clients may never speak.
 const SILENT_CONNECTION_MS = 1000;
 
 // Process-global: is any drain under way?
@@ -237,15 +238,23 @@ function listenOn(server, target) {
       resolve(server);
     };
     const onClose = () => {
+      // The 'close' of a close() made just before this listen: the listen
+      // went ahead, and 'listening' follows.
+      if (server.listening) return;
       settled();
-      const why = states.get(server)?.draining ? ' (a drain began)' : '';
-      const err = new Error(`containerflip: the server was closed before it listened on ${where}${why}`);
+      // A drain began: it is in charge now and ends the process when it is
+      // done; failing here would make the caller exit before that.
+      if (states.get(server)?.draining) {
+        resolve(server);
+        return;
+      }
+      const err = new Error(`containerflip: the server was closed before it listened on ${where}`);
       err.code = CLOSED_BEFORE_LISTENING;
       reject(err);
     };
     server.once('error', onError);
     server.once('listening', onListening);
-    server.once('close', onClose);
+    server.on('close', onClose);
     try {
       // For a descriptor Node takes the backlog only as a separate argument.
       if (target.fd !== undefined) server.listen(target, INHERITED_BACKLOG);
@@ -410,11 +419,23 @@ export function drain(server, options = {}) {
     // listening any more, which changes nothing here).
     net.Server.prototype.close.call(server, () => finish('idle'));
 
+    const began = performance.now();
+    const silent = new WeakSet();
     const closeIdle = () => {
-      if (typeof server.closeIdleConnections === 'function') server.closeIdleConnections();
-      if (Date.now() - started < SILENT_CONNECTION_MS) return;
+      if (typeof server.closeIdleConnections !== 'function') return;
+      server.closeIdleConnections();
+      if (performance.now() - began < SILENT_CONNECTION_MS) return;
+      const again = [];
       for (const [socket, carriesRequests] of state.sockets) {
-        if (carriesRequests && socket.bytesRead === 0) socket.destroy();
+        if (!carriesRequests || socket.bytesRead > 0) continue;
+        if (silent.has(socket)) again.push(socket);
+        else silent.add(socket);
+      }
+      // After this turn's poll phase has read whatever had arrived.
+      if (again.length > 0) {
+        setImmediate(() => {
+          for (const socket of again) if (socket.bytesRead === 0) socket.destroy();
+        });
       }
     };
     const sweepMs = Math.max(1, Math.min(IDLE_SWEEP_MAX_MS, Math.floor(graceMs / 4)));
@@ -493,16 +514,11 @@ export async function serve(server, options = {}) {
   checkNotDraining(server, 'serve');
 
   gracefulDrain(server, { graceMs: opts.graceMs, signals: opts.signals, log: opts.log });
-  try {
-    await listenOn(server, target);
-  } catch (err) {
-    // A stop signal during start-up: the drain is in charge now, and ends the
-    // process once it is done; nothing listens, so there is nothing to announce.
-    if (err.code === CLOSED_BEFORE_LISTENING && stateOf(server).draining) {
-      log('draining before it listened, READY=1 not sent');
-      return server;
-    }
-    throw err;
+  await listenOn(server, target);
+  if (!server.listening) {
+    // A stop signal during start-up closed it first: nothing to announce.
+    log('draining before it listened, READY=1 not sent');
+    return server;
   }
   const addr = server.address();
   const where = typeof addr === 'string' ? addr : addr ? `${addr.address}:${addr.port}` : 'unknown address';
