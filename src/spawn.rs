@@ -191,7 +191,7 @@ fn cstring(bytes: Vec<u8>) -> Result<CString, String> {
 /// A worker's environment in the order it is built: the supervisor's
 /// own, then each new key as it is set; a key set again keeps its place
 /// and takes the new value. Indexed by key, so an env file of 100,000
-/// keys costs linear time, not a stall of the loop.
+/// keys costs n log n, not n² (a stall of the loop: 30 s at 128,000).
 struct Env {
     vars: Vec<(OsString, OsString)>,
     at: BTreeMap<OsString, usize>,

@@ -1882,9 +1882,6 @@ fn an_endless_reply_line_is_bounded() {
     server.join().unwrap();
 }
 
-/// `status --json --check` against a supervisor that answers with an
-/// error instead of the object (one too old for json-check): the error
-/// is shown, not swallowed into a bare exit 1.
 /// Two deploys of a command as long as a request may carry, in control
 /// bytes (six bytes each in JSON): the whole status would pass the 1 MiB
 /// reply bound. Every format still answers, shortened and saying so.
@@ -1944,6 +1941,9 @@ fn a_status_too_big_for_a_reply_is_shortened_and_still_answers() {
     assert_eq!(served_gen(addr), 3);
 }
 
+/// `status --json --check` against a supervisor that answers with an
+/// error instead of the object (one too old for json-check): the error
+/// is shown, not swallowed into a bare exit 1.
 #[test]
 fn status_json_check_shows_an_error_reply() {
     let dir = TempDir::new("ctl-jcerr");

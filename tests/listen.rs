@@ -370,19 +370,30 @@ fn live_unix_socket_is_refused_naming_the_path() {
     live.accept().expect("accept on the live socket");
 }
 
-/// `fd:N` names a descriptor the supervisor inherited, never one it just
-/// bound: with nothing inherited, `-l 127.0.0.1:0 -l fd:3` is refused
-/// rather than handing the worker the same socket as fd 3 and fd 4.
+/// `fd:N` names a descriptor the supervisor inherited, never one it made:
+/// with nothing inherited, `-l 127.0.0.1:0 -l fd:3` is refused rather
+/// than handing the worker one socket as fd 3 and fd 4; and with only fd 3
+/// inherited, `-l fd:3 -l fd:4` is refused, not given fd 3 twice (the copy
+/// of fd 3 must not land on 4). The line names the descriptor, whatever
+/// the harness may have left at that number.
 #[test]
-fn fd_never_names_a_socket_the_supervisor_bound() {
+fn fd_never_names_a_socket_the_supervisor_made() {
     let dir = TempDir::new("fdbound");
     let lines = refused_at_start(&dir, &["-l", "127.0.0.1:0", "-l", "fd:3", "--", worker()]);
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("fd:3") && l.contains("no such open file descriptor")),
-        "{lines:?}"
-    );
+    assert!(lines.iter().any(|l| l.contains("adopt fd:3")), "{lines:?}");
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "-l", "fd:3", "-l", "fd:4", "--", worker()])
+        .env("CONTAINERFLIP_CONTROL", dir.join("control2.sock"))
+        .env("WORKER_RECORD", dir.path());
+    pass_fd(&mut cmd, listener.as_raw_fd(), 3);
+    let mut sup = Supervisor::spawn(cmd, &dir, &[]);
+    let status = sup.wait_exit();
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert_eq!(sup.count(" spawned"), 0, "a worker was started");
+    let lines = sup.lines();
+    assert!(lines.iter().any(|l| l.contains("adopt fd:4")), "{lines:?}");
 }
 
 /// connect(2) on a regular file also answers ECONNREFUSED, like a stale

@@ -41,6 +41,13 @@ impl Caps {
         text: 256,
         items: 64,
     };
+    /// The last resort, should even [`Caps::SHORT`] be over [`WHOLE`]
+    /// (by the sums above it is not: about 450 KiB at most).
+    const TINY: Caps = Caps {
+        command: 256,
+        text: 64,
+        items: 8,
+    };
 
     fn shortened(&self) -> bool {
         self.items != usize::MAX
@@ -92,13 +99,14 @@ pub(super) fn render(s: &Supervisor, format: StatusFormat, now: Instant) -> Opti
     };
     // Text goes out as one `data ` line per line: count those prefixes.
     let size = |b: &String| b.len() + 5 * b.lines().count();
-    body(&Caps::ALL).map(|b| {
+    let mut b = body(&Caps::ALL)?;
+    for caps in [Caps::SHORT, Caps::TINY] {
         if size(&b) <= WHOLE {
-            b
-        } else {
-            body(&Caps::SHORT).unwrap_or_default()
+            break;
         }
-    })
+        b = body(&caps)?;
+    }
+    Some(b)
 }
 
 /// The verdict of `--check`, healthy or not, in one line: a ready
