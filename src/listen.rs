@@ -238,14 +238,20 @@ impl Drop for Listener {
 /// Bind or adopt every spec, then park the sockets at 3, 4, … in the
 /// order given. A new descriptor takes the lowest free number, which a
 /// later `fd:N` must never name (`-l 8080 -l fd:3`, or `-l fd:3 -l fd:4`,
-/// with only fd 3 inherited, would hand out one socket twice): the `fd:N`
-/// specs are adopted first, into copies above every N.
+/// with only fd 3 inherited, would hand out one socket twice): every N
+/// must be open before anything is made, and the `fd:N` specs are adopted
+/// first.
 pub fn open_all(specs: &[Spec], backlog: i32, inherited: &Inherited) -> Result<Vec<Listener>> {
-    let named = specs.iter().filter_map(|s| match s.addr {
-        Addr::Fd(n) => Some(n),
-        _ => None,
-    });
-    let copies_from = named.max().map_or(FIRST_FD, |n| n.saturating_add(1));
+    for spec in specs {
+        if let Addr::Fd(n) = spec.addr
+            && !sys::is_open(n)
+        {
+            return Err(Error::msg(
+                format!("adopt fd:{n}"),
+                "no such open file descriptor",
+            ));
+        }
+    }
     let mut out: Vec<Option<Listener>> = specs.iter().map(|_| None).collect();
     let of_kind = |adopt: bool| {
         specs
@@ -254,7 +260,7 @@ pub fn open_all(specs: &[Spec], backlog: i32, inherited: &Inherited) -> Result<V
             .filter(move |(_, s)| matches!(s.addr, Addr::Fd(_)) == adopt)
     };
     for (i, spec) in of_kind(true).chain(of_kind(false)) {
-        let mut l = open(spec, backlog, copies_from)?;
+        let mut l = open(spec, backlog)?;
         if spec.name.is_none()
             && let Addr::Fd(fd) = spec.addr
             && let Some(n) = inherited.name_of(fd)
@@ -350,9 +356,7 @@ impl Inherited {
     }
 }
 
-/// Bind `spec`, or adopt its `fd:N` as a copy numbered `copies_from` or
-/// more.
-fn open(spec: &Spec, backlog: i32, copies_from: RawFd) -> Result<Listener> {
+fn open(spec: &Spec, backlog: i32) -> Result<Listener> {
     let unnamed = || spec.name.clone().unwrap_or_else(|| "unknown".into());
     match &spec.addr {
         Addr::Any(port) => {
@@ -368,7 +372,7 @@ fn open(spec: &Spec, backlog: i32, copies_from: RawFd) -> Result<Listener> {
         }
         Addr::Tcp(addr) => tcp_listener(*addr, backlog, unnamed()),
         Addr::Unix(path) => bind_unix(path, backlog, unnamed()),
-        Addr::Fd(fd) => adopt(*fd, unnamed(), copies_from),
+        Addr::Fd(fd) => adopt(*fd, unnamed()),
     }
 }
 
@@ -513,11 +517,10 @@ pub fn remove_stale_socket(
     std::fs::remove_file(path).map_err(Occupied::Remove)
 }
 
-/// Take over an fd we inherited, as a copy numbered `copies_from` or
-/// more: it must be a listening stream socket.
-fn adopt(fd: RawFd, name: String, copies_from: RawFd) -> Result<Listener> {
+/// Take over an fd we inherited: it must be a listening stream socket.
+fn adopt(fd: RawFd, name: String) -> Result<Listener> {
     let what = format!("adopt fd:{fd}");
-    let dup = sys::dup_inherited(fd, copies_from).map_err(|e| match e.raw_os_error() {
+    let dup = sys::dup_inherited(fd, FIRST_FD).map_err(|e| match e.raw_os_error() {
         Some(libc::EBADF) => Error::msg(&what, "no such open file descriptor"),
         _ => Error::os(&what, e),
     })?;

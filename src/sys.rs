@@ -110,6 +110,12 @@ pub fn dup_to(fd: RawFd, target: RawFd) -> io::Result<OwnedFd> {
     }
 }
 
+/// Whether descriptor number `fd` is open (`fcntl(F_GETFD)` succeeds).
+pub fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD on an integer only reads the descriptor's flags.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}
+
 /// `fcntl(F_DUPFD_CLOEXEC)` of a descriptor number we were told we
 /// inherited (`--listen fd:N`, `LISTEN_FDS`); EBADF when it is not open.
 pub fn dup_inherited(fd: RawFd, min: RawFd) -> io::Result<OwnedFd> {
