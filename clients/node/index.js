@@ -201,8 +201,9 @@ function checkNotDraining(server, fn) {
 /**
  * Start accepting: on the inherited descriptor (default 3) under the
  * supervisor, otherwise on `port` / $PORT / an ephemeral port.
- * Resolves with the server once it listens; rejects on any listen error,
- * on a bad argument, and for a server that has begun draining.
+ * Resolves with the server once it listens, or (not listening) when a drain
+ * closed it first; rejects on any listen error, on a bad argument, for a
+ * server that has begun draining, and for one closed before it listened.
  */
 export function attach(server, options = {}) {
   const { fd, port } = options ?? {};
@@ -215,14 +216,16 @@ export function attach(server, options = {}) {
   });
 }
 
-// The code of attach()'s rejection when the server was closed (a drain began)
-// before it was listening: Node emits neither 'listening' nor 'error' then.
+// The code of attach()'s rejection when the server was closed (not by a
+// drain) before it was listening: Node emits neither 'listening' nor 'error'.
 const CLOSED_BEFORE_LISTENING = 'ERR_SERVER_NOT_RUNNING';
 
 function listenOn(server, target) {
   return new Promise((resolve, reject) => {
     const where = target.fd !== undefined ? `fd ${target.fd}` : `port ${target.port}`;
+    let over = false;
     const settled = () => {
+      over = true;
       server.removeListener('error', onError);
       server.removeListener('listening', onListening);
       server.removeListener('close', onClose);
@@ -238,9 +241,6 @@ function listenOn(server, target) {
       resolve(server);
     };
     const onClose = () => {
-      // The 'close' of a close() made just before this listen: the listen
-      // went ahead, and 'listening' follows.
-      if (server.listening) return;
       settled();
       // A drain began: it is in charge now and ends the process when it is
       // done; failing here would make the caller exit before that.
@@ -254,7 +254,13 @@ function listenOn(server, target) {
     };
     server.once('error', onError);
     server.once('listening', onListening);
-    server.on('close', onClose);
+    // A tick late: the 'close' of a close() made before this listen is
+    // already queued (a next-tick event) and must pass unseen, or it would
+    // settle a listen that goes ahead (and leave its error unhandled). A
+    // close() from now on queues its 'close' behind this.
+    process.nextTick(() => {
+      if (!over) server.once('close', onClose);
+    });
     try {
       // For a descriptor Node takes the backlog only as a separate argument.
       if (target.fd !== undefined) server.listen(target, INHERITED_BACKLOG);
@@ -524,9 +530,10 @@ export async function serve(server, options = {}) {
   const where = typeof addr === 'string' ? addr : addr ? `${addr.address}:${addr.port}` : 'unknown address';
   log(target.fd !== undefined ? `listening on fd ${target.fd} (${where})` : `listening on ${where} (standalone, no LISTEN_FDS)`);
   if (opts.notify !== false) {
-    // A drain that began while we were starting up (a stop signal already)
-    // means this server is on its way out: announcing it would be a lie.
-    if (stateOf(server).draining) {
+    // A drain that began while we were starting up (a stop signal already,
+    // here or at another server of this process) means this process is on
+    // its way out: announcing it would be a lie.
+    if (draining || stateOf(server).draining) {
       log('draining already, READY=1 not sent');
       return server;
     }

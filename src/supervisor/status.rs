@@ -20,7 +20,8 @@ const WHOLE: usize = MAX_OUTPUT / 2;
 /// and six bytes of JSON per control byte), `STATUS=` texts, failure
 /// reasons and the lists of generations, listeners and strays could
 /// together pass [`MAX_OUTPUT`]; a status must always be answerable, so a
-/// body over [`WHOLE`] is made again with [`Caps::SHORT`], and says so.
+/// body over [`WHOLE`] is made again with [`Caps::SHORT`] (then
+/// [`Caps::TINY`]), and says so.
 struct Caps {
     /// Bytes of a command's leading words (at least its program is shown).
     command: usize,

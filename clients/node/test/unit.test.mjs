@@ -878,6 +878,34 @@ describe('drain', () => {
     assert.equal(closing.listening, false);
   });
 
+  test('a close() just before an attach() that fails: the listen error rejects, nothing is left unhandled', async (t) => {
+    const taken = net.createServer();
+    await new Promise((resolve) => taken.listen(0, '127.0.0.1', resolve));
+    t.after(() => closeServer(taken));
+    const server = http.createServer();
+    server.close();
+    await withEnv(STANDALONE, async () => {
+      await assert.rejects(withDeadline(attach(server, { port: taken.address().port }), 'attach() to settle'),
+        (err) => err.code === 'EADDRINUSE' && /cannot listen on port \d+/.test(err.message));
+    });
+    assert.equal(server.listenerCount('error'), 0, 'attach() left no error listener behind');
+  });
+
+  test('serve() sends no READY=1 while another server of the process is draining', async (t) => {
+    const n = await notifyServer(t);
+    const other = http.createServer();
+    const server = http.createServer();
+    t.after(() => Promise.all([closeServer(other), closeServer(server)]));
+    const { lines, log } = collectLog();
+    await withEnv({ ...STANDALONE, NOTIFY_SOCKET: n.env }, async () => {
+      server.once('listening', () => { drain(other, { log: false }); });
+      assert.equal(await serve(server, { signals: [], log }), server);
+    });
+    assert.equal(server.listening, true);
+    assert.deepEqual(await n.soFar(), [], 'no READY=1 from a process that is draining');
+    assert.ok(lines.some((l) => /READY=1 not sent/.test(l)), lines.join('\n'));
+  });
+
   test('a plain net.Server keeps a client that never speaks until the grace deadline', async (t) => {
     const server = net.createServer(() => {});
     gracefulDrain(server, { signals: [] });
