@@ -239,8 +239,8 @@ impl Drop for Listener {
 /// order given. A new descriptor takes the lowest free number, which a
 /// later `fd:N` must never name (`-l 8080 -l fd:3`, or `-l fd:3 -l fd:4`,
 /// with only fd 3 inherited, would hand out one socket twice): every N
-/// must be open before anything is made, and the `fd:N` specs are adopted
-/// first.
+/// must be open before anything is made, and stays open (adopting copies
+/// it), so nothing made here can take its number.
 pub fn open_all(specs: &[Spec], backlog: i32, inherited: &Inherited) -> Result<Vec<Listener>> {
     for spec in specs {
         if let Addr::Fd(n) = spec.addr
@@ -252,14 +252,8 @@ pub fn open_all(specs: &[Spec], backlog: i32, inherited: &Inherited) -> Result<V
             ));
         }
     }
-    let mut out: Vec<Option<Listener>> = specs.iter().map(|_| None).collect();
-    let of_kind = |adopt: bool| {
-        specs
-            .iter()
-            .enumerate()
-            .filter(move |(_, s)| matches!(s.addr, Addr::Fd(_)) == adopt)
-    };
-    for (i, spec) in of_kind(true).chain(of_kind(false)) {
+    let mut out = Vec::with_capacity(specs.len());
+    for spec in specs {
         let mut l = open(spec, backlog)?;
         if spec.name.is_none()
             && let Addr::Fd(fd) = spec.addr
@@ -267,9 +261,9 @@ pub fn open_all(specs: &[Spec], backlog: i32, inherited: &Inherited) -> Result<V
         {
             l.name = n.to_string();
         }
-        out[i] = Some(l);
+        out.push(l);
     }
-    park(out.into_iter().flatten().collect())
+    park(out)
 }
 
 /// Sockets passed to us by socket activation (`LISTEN_FDS` with
