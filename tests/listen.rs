@@ -343,7 +343,11 @@ fn stale_unix_socket_file_is_replaced() {
 
 /// `run ARGS` exits 1 at start without spawning a worker: its log lines.
 fn refused_at_start(dir: &TempDir, args: &[&str]) -> Vec<String> {
-    let mut sup = Supervisor::start(dir, args, &[]);
+    refused(Supervisor::start(dir, args, &[]))
+}
+
+/// `sup` exits 1 at start without spawning a worker: its log lines.
+fn refused(mut sup: Supervisor) -> Vec<String> {
     let status = sup.wait_exit();
     assert_eq!(status.code(), Some(1), "{status}");
     assert_eq!(sup.count(" spawned"), 0, "a worker was started");
@@ -388,11 +392,7 @@ fn fd_never_names_a_socket_the_supervisor_made() {
         .env("CONTAINERFLIP_CONTROL", dir.join("control2.sock"))
         .env("WORKER_RECORD", dir.path());
     pass_fd(&mut cmd, listener.as_raw_fd(), 3);
-    let mut sup = Supervisor::spawn(cmd, &dir, &[]);
-    let status = sup.wait_exit();
-    assert_eq!(status.code(), Some(1), "{status}");
-    assert_eq!(sup.count(" spawned"), 0, "a worker was started");
-    let lines = sup.lines();
+    let lines = refused(Supervisor::spawn(cmd, &dir, &[]));
     assert!(lines.iter().any(|l| l.contains("adopt fd:4")), "{lines:?}");
 }
 
