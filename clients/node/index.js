@@ -401,7 +401,8 @@ export function drain(server, options = {}) {
   state.inflight.clear();
 
   state.drainPromise = new Promise((resolve) => {
-    const started = Date.now();
+    // A monotonic clock: a step of the wall clock must not end the silence.
+    const started = performance.now();
     let done = false;
     let sweep = null;
     let deadline = null;
@@ -410,7 +411,7 @@ export function drain(server, options = {}) {
       done = true;
       if (sweep) clearInterval(sweep);
       if (deadline) clearTimeout(deadline);
-      log(`drained in ${Date.now() - started}ms (${how})`);
+      log(`drained in ${Math.round(performance.now() - started)}ms (${how})`);
       resolve();
     };
 
@@ -425,12 +426,11 @@ export function drain(server, options = {}) {
     // listening any more, which changes nothing here).
     net.Server.prototype.close.call(server, () => finish('idle'));
 
-    const began = performance.now();
     const silent = new WeakSet();
     const closeIdle = () => {
       if (typeof server.closeIdleConnections !== 'function') return;
       server.closeIdleConnections();
-      if (performance.now() - began < SILENT_CONNECTION_MS) return;
+      if (performance.now() - started < SILENT_CONNECTION_MS) return;
       const again = [];
       for (const [socket, carriesRequests] of state.sockets) {
         if (!carriesRequests || socket.bytesRead > 0) continue;
